@@ -1,0 +1,109 @@
+"""Argument checks shared by the public ops: every bad input fails here, before any kernel runs,
+with a ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong shape or value) that
+names the argument.
+
+Checks that would need a device→host sync are done only for CPU tensors; for CUDA tensors they are
+documented instead (see ``askd_loss``): values of ``alpha`` outside [0, 1] then give NaN for those
+sequences, and labels outside ``[0, V_s)`` that are not ``ignore_index`` give a NaN loss; neither
+reads out of bounds.
+"""
+import math
+from numbers import Real
+
+import torch
+from torch import Tensor
+
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def tensor(name, value, *, ndim=None, shape=None, floating=None, integer=False, boolean=False):
+    """Check one tensor argument and return it."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if floating and value.dtype not in floating:
+        names = ", ".join(str(d).replace("torch.", "") for d in floating)
+        raise TypeError(f"{name} must have a floating dtype in ({names}), got {value.dtype}")
+    if integer and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+        raise TypeError(f"{name} must have an integer dtype, got {value.dtype}")
+    if boolean and value.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor, got {value.dtype}")
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
+    if shape is not None and tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(value.shape)}")
+    return value
+
+
+def same_device(device, **tensors):
+    for name, value in tensors.items():
+        if value is not None and value.device != device:
+            raise ValueError(f"{name} is on {value.device} but student_logits is on {device}")
+
+
+def number(name, value, *, low=None, high=None, low_open=False, high_open=False):
+    """Check a python real number lies in the interval and return it as a float."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    bad = math.isnan(value)
+    if low is not None:
+        bad |= value <= low if low_open else value < low
+    if high is not None:
+        bad |= value >= high if high_open else value > high
+    if bad:
+        lo = "-inf" if low is None else f"{low}"
+        hi = "inf" if high is None else f"{high}"
+        interval = ("(" if low_open else "[") + f"{lo}, {hi}" + (")" if high_open else "]")
+        raise ValueError(f"{name} must be in {interval}, got {value}")
+    return value
+
+
+def choice(name, value, options):
+    if value not in options:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}; got {value!r}")
+    return value
+
+
+def per_sequence_alpha(alpha, batch, device):
+    """``alpha`` as an fp32 [B] tensor; a python float applies to every sequence."""
+    if isinstance(alpha, Tensor):
+        tensor("alpha", alpha, ndim=1, shape=(batch,))
+        if not alpha.is_floating_point():
+            raise TypeError(f"alpha must be a floating tensor, got {alpha.dtype}")
+        same_device(device, alpha=alpha)
+        if alpha.device.type == "cpu" and not bool(((alpha >= 0) & (alpha <= 1)).all()):
+            raise ValueError("alpha must lie in [0, 1] for every sequence")
+        return alpha.detach().to(torch.float32).contiguous()
+    return torch.full((batch,), number("alpha", alpha, low=0.0, high=1.0), dtype=torch.float32, device=device)
+
+
+def per_sequence_flag(name, flag, batch, device):
+    """A [B] bool tensor, or a python bool broadcast to all sequences."""
+    if isinstance(flag, bool):
+        return torch.full((batch,), flag, dtype=torch.bool, device=device)
+    tensor(name, flag, ndim=1, shape=(batch,), boolean=True)
+    same_device(device, **{name: flag})
+    return flag
+
+
+def reduction_and_num_items(reduction, num_items, device):
+    choice("reduction", reduction, REDUCTIONS)
+    if num_items is None:
+        return None
+    if isinstance(num_items, Tensor):
+        if num_items.numel() != 1:
+            raise ValueError(f"num_items must be a scalar tensor, got shape {tuple(num_items.shape)}")
+        same_device(device, num_items=num_items)
+        return num_items.reshape(()).float()
+    return number("num_items", num_items, low=0.0, low_open=True)
+
+
+def labels_in_vocab(labels, ignore_index, vocab):
+    """Labels must be ``ignore_index`` or in [0, vocab): checked on CPU only (a sync on CUDA)."""
+    if labels.device.type != "cpu" or labels.numel() == 0:
+        return
+    valid = labels != ignore_index
+    if bool(((labels < 0) & valid).any()) or bool(((labels >= vocab) & valid).any()):
+        raise ValueError(f"labels must be ignore_index ({ignore_index}) or in [0, {vocab}) "
+                         f"(the student vocabulary)")

@@ -1,0 +1,147 @@
+"""The public ASKD op: ``askd_loss`` and its module ``ASKDLoss`` (SPEC §1–4, §7)."""
+import math
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import _checks as check
+from .coefficients import ESTIMATORS
+from .ops import askd_forward
+
+
+def askd_loss(
+    student_logits: Tensor,
+    labels: Tensor,
+    teacher_logits: Optional[Tensor] = None,
+    *,
+    teacher_logprobs: Optional[Tensor] = None,
+    student_generated: Union[Tensor, bool],
+    alpha: Union[Tensor, float],
+    clip: Optional[Tensor] = None,
+    old_logprobs: Optional[Tensor] = None,
+    is_max: Optional[float] = None,
+    estimator: str = "exact",
+    gamma: float = 1.0,
+    length_normalize: bool = False,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items: Optional[Union[int, float, Tensor]] = None,
+    return_stats: bool = False,
+):
+    """The ASKD sampled-token loss on teacher-generated (SKL) and student-generated (SRKL) outputs.
+
+    Args:
+        student_logits: ``[B, T, V_s]`` fp32/bf16/fp16, any strides; ``logits[b, t]`` predicts
+            ``labels[b, t]``. The only input that receives a gradient.
+        labels: ``[B, T]`` integer; ``ignore_index`` marks positions that take no part anywhere.
+            Other labels must be in ``[0, V_s)`` (checked for CPU tensors; on CUDA an out-of-range
+            label gives a NaN loss instead of an error, since checking would sync the device).
+        teacher_logits: ``[B, T, V_t]`` (V_t may differ from V_s; a label ≥ V_t has p = 0).
+        teacher_logprobs: ``[B, T]`` teacher log p(labels), used as given (no temperature).
+            Exactly one of ``teacher_logits`` / ``teacher_logprobs``.
+        student_generated: ``[B]`` bool (True = SGO, trained with SRKL; False = TGO, with SKL), or
+            one python bool for the whole batch.
+        alpha: skewness, the **student's** weight in the mixture ``m = α q + (1−α) p``: ``[B]`` or
+            a float in [0, 1] (checked for floats and CPU tensors; on CUDA a value outside gives NaN
+            for that sequence).
+        clip: ``[B]`` bool, True = κ = 0 (a correct SGO: no loss, no gradient). Ignored for TGOs.
+        old_logprobs: ``[B, T]`` log q_old(labels) of the policy that sampled the SGOs; enables the
+            importance weight ``min(q/q_old, is_max)`` on SGO tokens (detached).
+        is_max: cap of the importance weight (> 0); None = no cap.
+        estimator: ``"exact"`` (unbiased, default), ``"paper"`` (Eqs. 10–11) or ``"sequence"``
+            (Eqs. 8–9); see the README's estimator table.
+        gamma: discount in (0, 1] of the cumulative mixture term G_t.
+        length_normalize: divide G_t by the discounted number of remaining valid tokens.
+        temperature: τ > 0 applied to both logits (not to ``teacher_logprobs``).
+        reduction: ``"mean"`` (Σ_b κ_b D_b / N), ``"sum"``, or ``"none"`` (the [B] vector κ_b D_b).
+        num_items: N for ``"mean"``; default the number of valid tokens in the batch (a device
+            tensor, no sync). An all-ignored batch gives 0.
+        return_stats: also return a dict of detached fp32 ``[B, T]`` tensors: ``log_q``,
+            ``log_ratio`` (ℓ_t), ``lam`` (λ_t), ``coef`` (κ_b·w_t·λ_t, the gradient's factor),
+            all 0 at ignored positions.
+
+    Returns the loss (fp32), or ``(loss, stats)``. Its backward is the REINFORCE-style gradient of
+    SPEC §4, ``g·κ·w·λ·(softmax(z/τ) − onehot(y))/τ``, not the derivative of the value.
+    """
+    # ---- validation: everything before any kernel runs ----------------------------------------
+    check.tensor("student_logits", student_logits, ndim=3, floating=check.LOGIT_DTYPES)
+    B, T, V_s = student_logits.shape
+    if B == 0 or T == 0 or V_s == 0:
+        raise ValueError(f"student_logits must be non-empty, got shape {(B, T, V_s)}")
+    device = student_logits.device
+    check.tensor("labels", labels, shape=(B, T), integer=True)
+    if (teacher_logits is None) == (teacher_logprobs is None):
+        raise ValueError("pass exactly one of teacher_logits and teacher_logprobs")
+    if teacher_logits is not None:
+        check.tensor("teacher_logits", teacher_logits, ndim=3, floating=check.LOGIT_DTYPES)
+        if teacher_logits.shape[:2] != (B, T) or teacher_logits.shape[2] == 0:
+            raise ValueError(f"teacher_logits must have shape [B={B}, T={T}, V_t > 0], "
+                             f"got {tuple(teacher_logits.shape)}")
+    else:
+        check.tensor("teacher_logprobs", teacher_logprobs, shape=(B, T), floating=check.LOGIT_DTYPES)
+    if old_logprobs is not None:
+        check.tensor("old_logprobs", old_logprobs, shape=(B, T), floating=check.LOGIT_DTYPES)
+    if clip is not None:
+        check.tensor("clip", clip, ndim=1, shape=(B,), boolean=True)
+    check.same_device(device, labels=labels, teacher_logits=teacher_logits,
+                      teacher_logprobs=teacher_logprobs, old_logprobs=old_logprobs, clip=clip)
+    sgo = check.per_sequence_flag("student_generated", student_generated, B, device)
+    alpha = check.per_sequence_alpha(alpha, B, device)
+    w_max = float("inf") if is_max is None else check.number("is_max", is_max, low=0.0, low_open=True)
+    check.choice("estimator", estimator, tuple(ESTIMATORS))
+    gamma = check.number("gamma", gamma, low=0.0, high=1.0, low_open=True)
+    if not isinstance(length_normalize, bool):
+        raise TypeError(f"length_normalize must be a bool, got {type(length_normalize).__name__}")
+    temperature = check.number("temperature", temperature, low=0.0, low_open=True)
+    if not math.isfinite(temperature):
+        raise ValueError(f"temperature must be finite, got {temperature}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    num_items = check.reduction_and_num_items(reduction, num_items, device)
+    check.labels_in_vocab(labels, ignore_index, V_s)
+
+    # ---- stages (a) + (b) in one custom op; the reduction stays in autograd-visible torch ------
+    kappa = torch.where(sgo & clip, 0.0, 1.0) if clip is not None else torch.ones(B, device=device)
+    labels = labels.contiguous()
+    as_fp32 = lambda x: None if x is None else x.detach().float().contiguous()  # noqa: E731
+    value, log_q, log_ratio, lam, coef, _lse = askd_forward(
+        student_logits, labels, None if teacher_logits is None else teacher_logits.detach(),
+        as_fp32(teacher_logprobs), sgo.to(torch.int32), alpha, kappa.float(), as_fp32(old_logprobs),
+        w_max, estimator, gamma, length_normalize, temperature, ignore_index,
+    )
+    if reduction == "none":
+        loss = value
+    elif reduction == "sum":
+        loss = value.sum()
+    else:
+        n = (labels != ignore_index).sum() if num_items is None else num_items
+        loss = value.sum() / torch.clamp(torch.as_tensor(n, dtype=torch.float32, device=device), min=1.0)
+    if return_stats:
+        return loss, {"log_q": log_q, "log_ratio": log_ratio, "lam": lam, "coef": coef}
+    return loss
+
+
+class ASKDLoss(nn.Module):
+    """``nn.Module`` over :func:`askd_loss`: construct with the options, call with the tensors.
+
+    ``ASKDLoss(estimator="exact", reduction="mean")(student_logits, labels, teacher_logits,
+    student_generated=sgo, alpha=alpha, clip=clip)``; per-call keyword arguments override the
+    options given at construction.
+    """
+
+    def __init__(self, **options):
+        super().__init__()
+        allowed = {"estimator", "gamma", "length_normalize", "temperature", "ignore_index", "reduction",
+                   "num_items", "is_max", "return_stats", "alpha", "student_generated", "clip"}
+        unknown = set(options) - allowed
+        if unknown:
+            raise TypeError(f"ASKDLoss got unknown option(s): {', '.join(sorted(unknown))}")
+        self.options = options
+
+    def forward(self, student_logits, labels, teacher_logits=None, **kwargs):
+        return askd_loss(student_logits, labels, teacher_logits, **{**self.options, **kwargs})
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items() if not isinstance(v, torch.Tensor))

@@ -1,0 +1,23 @@
+"""askd-kernels: fused Triton kernels for the ASKD distillation loss.
+
+Only the ``askd_kernels`` package is installed. ``reference/`` (the test oracle), ``tests/`` and
+``bench/`` stay in the source tree on purpose: the shipped package must never depend on the oracle
+that checks it, and a top-level package called ``reference`` does not belong in site-packages.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="askd-kernels",
+    version="0.1.0",
+    description="Fused Triton kernels for ASKD (RL-style KD with quality-adaptive skewness) and KD divergences",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["askd_kernels", "askd_kernels.*"]),
+    python_requires=">=3.10",
+    # torch is deliberately unpinned: CI installs the CPU wheel first so pip never pulls a CUDA build.
+    install_requires=["torch>=2.4", "triton>=3.2"],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6.100", "pytest-benchmark>=4", "numpy"],
+        "bench": ["pytest-benchmark>=4"],
+    },
+)

@@ -1,0 +1,34 @@
+"""Test set-up shared by every test file.
+
+* Without a GPU the Triton kernels run under the interpreter. ``TRITON_INTERPRET`` is read when a
+  kernel is decorated, i.e. when ``askd_kernels`` is imported, so it is set here, before any test
+  module imports the package.
+* The ``backend`` fixture runs a test once per implementation: the chunked PyTorch path and the
+  Triton kernels. For the kernels it shrinks the block sizes (and the torch path its chunk size) so
+  that tiny test shapes still exercise the multi-block loops, the multi-chunk scans and the carries.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True)
+settings.load_profile("ci")
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, monkeypatch):
+    from askd_kernels import coefficients, row_stats, torch_impl
+
+    monkeypatch.setenv("ASKD_KERNELS_BACKEND", request.param)
+    if request.param == "triton":
+        monkeypatch.setattr(row_stats, "MAX_BLOCK", 32)
+        monkeypatch.setattr(coefficients, "BLOCK_T", 16)
+    else:
+        monkeypatch.setattr(torch_impl, "CHUNK_ELEMENTS", 64)
+    return request.param
