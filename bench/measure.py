@@ -105,7 +105,7 @@ def _stderr_silenced():
         os.close(saved)
 
 
-def _cpu_allocations(fn: Callable[[], object]):
+def cpu_allocations(fn: Callable[[], object]):
     """Run ``fn`` under the profiler; return (result, peak, net) CPU bytes allocated during the call.
 
     Every allocation and free of the c10 CPU allocator is an event of the profiler's event tree;
@@ -151,7 +151,7 @@ def peak_memory(
 
     Inputs are allocated before and so not counted; the gradient written by backward is counted
     (it is memory the step needs). CUDA: the caching allocator's peak statistics. CPU: the
-    profiler's allocation events (see ``_cpu_allocations``), or None when they are unavailable.
+    profiler's allocation events (see ``cpu_allocations``), or None when they are unavailable.
     """
     if device.type == "cuda":
         free_memory(device)
@@ -166,8 +166,8 @@ def peak_memory(
         total_peak = torch.cuda.max_memory_allocated(device) - base
         return fwd_peak, total_peak
 
-    loss, fwd_peak, fwd_held = _cpu_allocations(forward)
-    _, bwd_peak, _ = _cpu_allocations(loss.backward)
+    loss, fwd_peak, fwd_held = cpu_allocations(forward)
+    _, bwd_peak, _ = cpu_allocations(loss.backward)
     if fwd_peak is None or bwd_peak is None:
         return fwd_peak, None
     return fwd_peak, max(fwd_peak, fwd_held + bwd_peak)

@@ -1,0 +1,102 @@
+"""Ahead-of-time compilation of every kernel specialisation for real GPUs, without a GPU.
+
+Run as a script (``python tests/aot_compile.py``) in a process where ``TRITON_INTERPRET`` is unset:
+kernels decorated under the interpreter cannot be compiled. For each entry of ``SPECS`` and each
+target it compiles the kernel with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc,
+32))``, reads the resource usage of the cubin with the ``cuobjdump`` shipped in the triton wheel,
+and prints one JSON line per compile: kernel, target, registers, local memory (spills), shared.
+
+The signatures mirror what the launchers pass: logits in each supported dtype, 32-bit sizes and
+strides with the innermost stride specialised to 1 (what Triton does for contiguous rows), and the
+smallest and largest block each launcher can choose.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from askd_kernels import coefficients, gradient, row_stats  # noqa: E402
+
+TARGETS = (80, 90)
+LOGIT_TYPES = ("*bf16", "*fp16", "*fp32")
+
+
+def _row_stats_specs():
+    # (teacher logits?, logits dtype, block, stride type): i64 strides are what the launcher passes
+    # once a tensor spans more than 2^31 elements.
+    variants = [(t, d, b, "i32") for t in (True, False) for d in LOGIT_TYPES for b in (16, row_stats.MAX_BLOCK)]
+    variants.append((True, "*bf16", row_stats.MAX_BLOCK, "i64"))
+    for teacher, dtype, block, stride in variants:
+        sig = {
+            "S": dtype, "stride_sb": stride, "stride_st": stride, "stride_sv": "constexpr", "V_s": "i32",
+            "W": dtype, "stride_wb": stride, "stride_wt": stride, "stride_wv": "constexpr", "V_t": "i32",
+            "LOGP_T": "*fp32", "LABELS": "*i64", "T": "i32", "ignore_index": "i32", "inv_tau": "fp32",
+            "LOG_Q": "*fp32", "LOG_RATIO": "*fp32", "LSE": "*fp32",
+            "TEACHER_LOGITS": "constexpr", "BLOCK": "constexpr",
+        }
+        const = {"stride_sv": 1, "stride_wv": 1, "TEACHER_LOGITS": teacher, "BLOCK": block}
+        yield f"row_stats[{dtype[1:]},teacher={teacher},BLOCK={block},strides={stride}]", \
+            row_stats._row_stats_kernel, sig, const, row_stats.NUM_WARPS
+
+
+def _coefficients_specs():
+    for block_t in (16, coefficients.BLOCK_T):
+        sig = {
+            "LOG_Q": "*fp32", "LOG_RATIO": "*fp32", "LOG_Q_OLD": "*fp32", "LABELS": "*i64",
+            "ALPHA": "*fp32", "SGO": "*i32", "KAPPA": "*fp32", "LAM": "*fp32", "COEF": "*fp32", "VALUE": "*fp32",
+            "T": "i32", "ignore_index": "i32", "gamma": "fp32", "w_max": "fp32", "estimator": "i32",
+            "length_normalize": "i32", "BLOCK_T": "constexpr",
+        }
+        yield f"coefficients[BLOCK_T={block_t}]", coefficients._coefficients_kernel, sig, \
+            {"BLOCK_T": block_t}, coefficients.NUM_WARPS
+
+
+def _gradient_specs():
+    for dtype in LOGIT_TYPES:
+        for block in (16, row_stats.MAX_BLOCK):
+            sig = {
+                "S": dtype, "stride_sb": "i32", "stride_st": "i32", "stride_sv": "constexpr", "V_s": "i32",
+                "LABELS": "*i64", "COEF": "*fp32", "LSE": "*fp32", "G_SEQ": "*fp32", "GRAD": dtype,
+                "T": "i32", "inv_tau": "fp32", "BLOCK": "constexpr",
+            }
+            yield f"gradient[{dtype[1:]},BLOCK={block}]", gradient._gradient_kernel, sig, \
+                {"stride_sv": 1, "BLOCK": block}, row_stats.NUM_WARPS
+
+
+SPECS = [_row_stats_specs, _coefficients_specs, _gradient_specs]
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def resource_usage(cubin: bytes) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    fields = dict(re.findall(r"\b(REG|LOCAL|SHARED|STACK):(\d+)", out))
+    return {k.lower(): int(v) for k, v in fields.items()}
+
+
+def main(selected=None):
+    for family in SPECS:
+        for name, kernel, sig, const, num_warps in family():
+            if selected and not any(s in name for s in selected):
+                continue
+            for cc in TARGETS:
+                src = ASTSource(fn=kernel, signature=sig, constexprs=const)
+                compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps})
+                print(json.dumps({"kernel": name, "sm": cc, **resource_usage(compiled.asm["cubin"])}), flush=True)
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET"):
+        sys.exit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled ahead of time")
+    main(sys.argv[1:])
