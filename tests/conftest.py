@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from _backends import use_triton_on_cpu  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True)
@@ -23,12 +24,11 @@ settings.load_profile("ci")
 
 @pytest.fixture(params=["torch", "triton"])
 def backend(request, monkeypatch):
-    from askd_kernels import coefficients, row_stats, torch_impl
+    from askd_kernels import torch_impl
 
     monkeypatch.setenv("ASKD_KERNELS_BACKEND", request.param)
     if request.param == "triton":
-        monkeypatch.setattr(row_stats, "MAX_BLOCK", 32)
-        monkeypatch.setattr(coefficients, "BLOCK_T", 16)
-    else:
-        monkeypatch.setattr(torch_impl, "CHUNK_ELEMENTS", 64)
+        use_triton_on_cpu(monkeypatch)
+        return request.param
+    monkeypatch.setattr(torch_impl, "CHUNK_ELEMENTS", 64)
     return request.param

@@ -5,6 +5,7 @@ sizes, V not a multiple of the block, T = 1, B = 1, V_s ≠ V_t both ways) and e
 import pytest
 import torch
 from _compare import assert_no_worse
+from _backends import use_triton_on_cpu
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -101,11 +102,7 @@ def test_parity_torch_path(monkeypatch, case):
 @settings(max_examples=25, suppress_health_check=SUPPRESSED)
 @given(case=askd_cases())
 def test_parity_triton_kernels(monkeypatch, case):
-    from askd_kernels import coefficients, row_stats
-
-    monkeypatch.setenv("ASKD_KERNELS_BACKEND", "triton")
-    monkeypatch.setattr(row_stats, "MAX_BLOCK", 32)   # several vocabulary blocks per row
-    monkeypatch.setattr(coefficients, "BLOCK_T", 16)  # several chunks per sequence, with carries
+    use_triton_on_cpu(monkeypatch)  # several vocabulary blocks per row, several chunks per sequence
     _check_case(case)
 
 
