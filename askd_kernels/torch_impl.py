@@ -17,18 +17,39 @@ def chunk_rows(n_cols: int) -> int:
 
 
 def _chunks(n: int, n_cols: int):
+    """Slices covering ``range(n)``, each ``chunk_rows(n_cols)`` rows long."""
     step = chunk_rows(n_cols)
     for start in range(0, n, step):
         yield slice(start, min(n, start + step))
 
 
-def _log_softmax_at(rows, labels, inv_tau):
-    """(log softmax(rows·inv_tau)[label], logsumexp) for a chunk; labels ≥ width give −inf."""
-    x = rows.float() * inv_tau
-    lse = torch.logsumexp(x, dim=-1)
+def _row_chunks(rows: torch.Tensor, n: int, n_cols: int):
+    """Yield ``(index, sel)`` per chunk of the selected ``rows`` of an ``n``-row matrix.
+
+    ``sel`` is a slice when every row is selected (views, no copies) and an index tensor otherwise.
+    """
+    everything = rows.numel() == n
+    for part in _chunks(rows.numel(), n_cols):
+        yield rows[part], (part if everything else rows[part])
+
+
+def _scaled_fp32(rows, inv_tau):
+    """``rows / τ`` in fp32, copying only when the dtype or the temperature requires it."""
+    return rows if inv_tau == 1.0 and rows.dtype == torch.float32 else rows.float() * inv_tau
+
+
+def _log_prob_at(rows, labels, inv_tau):
+    """(log softmax(rows/τ)[label], logsumexp(rows/τ)) for a chunk; labels ≥ width give −inf."""
+    x = _scaled_fp32(rows, inv_tau)
     inside = (labels >= 0) & (labels < x.shape[-1])
-    picked = x.gather(-1, torch.where(inside, labels, 0).unsqueeze(-1)).squeeze(-1)
-    return torch.where(inside, picked, float("-inf")) - lse, lse
+    safe = torch.where(inside, labels, 0).unsqueeze(-1)
+    log_prob = torch.log_softmax(x, dim=-1).gather(-1, safe).squeeze(-1)  # one fused pass
+    x_at = x.gather(-1, safe).squeeze(-1)
+    lse = x_at - log_prob
+    masked = torch.isinf(x_at)  # a −inf logit at the label: recover the log-sum-exp directly
+    if masked.any():
+        lse[masked] = torch.logsumexp(x[masked], dim=-1)
+    return torch.where(inside, log_prob, float("-inf")), lse
 
 
 def row_stats(student_logits, labels, teacher_logits, teacher_logprobs, *, temperature, ignore_index):
@@ -45,15 +66,14 @@ def row_stats(student_logits, labels, teacher_logits, teacher_logprobs, *, tempe
     lse = torch.zeros_like(log_q)
     rows = valid.nonzero().squeeze(-1)  # ignored positions cost no vocabulary pass
     width = max(V_s, 0 if w is None else w.shape[1])
-    for part in _chunks(rows.numel(), width):
-        idx = rows[part]
-        lab = flat_labels[idx]
-        lq, ls = _log_softmax_at(z[idx], lab, inv_tau)
+    for idx, sel in _row_chunks(rows, n, width):
+        lab = flat_labels[sel]
+        lq, ls = _log_prob_at(z[sel], lab, inv_tau)
         # Out-of-range student labels poison the row with NaN, as the kernel does.
         log_q[idx] = torch.where(lab < V_s, lq, float("nan"))
         lse[idx] = ls
         if w is not None:
-            log_p[idx] = _log_softmax_at(w[idx], lab, inv_tau)[0]
+            log_p[idx] = _log_prob_at(w[sel], lab, inv_tau)[0]
     log_ratio = torch.where(valid, log_p - log_q, 0.0)
     return log_q, log_ratio, lse
 
@@ -61,6 +81,24 @@ def row_stats(student_logits, labels, teacher_logits, teacher_logprobs, *, tempe
 def _log_mixture(log_a, log_1ma, x):
     """log(α + (1−α)e^x) from log α, log(1−α); exact at α ∈ {0, 1} (torch.logaddexp handles −inf)."""
     return torch.logaddexp(log_a, log_1ma + x)
+
+
+def _suffix_sum(x):
+    return torch.flip(torch.cumsum(torch.flip(x, (-1,)), -1), (-1,))
+
+
+def _discounted_suffix_sums(x, valid, gamma):
+    """``G_t = x_t + γ·G_{next valid}`` over valid positions (x is 0 at invalid ones), along the last
+    dimension. γ = 1 is a plain reverse cumulative sum; otherwise a loop over T, vectorised over the
+    rest (counting k in *valid* positions has no overflow-free closed form for long sequences)."""
+    if gamma == 1.0:
+        return _suffix_sum(x)
+    out = torch.empty_like(x)
+    running = torch.zeros_like(x[..., 0])
+    for t in range(x.shape[-1] - 1, -1, -1):
+        running = torch.where(valid[:, t], x[..., t] + gamma * running, running)
+        out[..., t] = running
+    return out
 
 
 def coefficients(log_q, log_ratio, log_q_old, labels, alpha, sgo, kappa, *, estimator, gamma, w_max,
@@ -75,19 +113,10 @@ def coefficients(log_q, log_ratio, log_q_old, labels, alpha, sgo, kappa, *, esti
     log_rho = torch.where(valid, log_a - u, 0.0)
     rho = log_rho.exp()
 
-    # Discounted suffix sums over valid positions: a loop over T, vectorised over the batch.
-    g = torch.zeros_like(u)
-    n_rem = torch.zeros_like(u)
-    g_next = torch.zeros(B, dtype=torch.float32, device=u.device)
-    n_next = torch.zeros_like(g_next)
-    for t in range(T - 1, -1, -1):
-        v = valid[:, t]
-        g_next = torch.where(v, u[:, t] + gamma * g_next, g_next)
-        n_next = torch.where(v, 1.0 + gamma * n_next, n_next)
-        g[:, t], n_rem[:, t] = g_next, n_next
+    g, n_rem = _discounted_suffix_sums(torch.stack([u, valid.float()]), valid, gamma)
     if length_normalize:
         g = g / torch.where(valid, n_rem, 1.0)
-    p_suffix = torch.flip(torch.cumsum(torch.flip(log_rho, (1,)), 1), (1,)).exp()
+    p_suffix = _suffix_sum(log_rho).exp()
 
     sum_l = torch.where(valid, ell, 0.0).sum(1, keepdim=True)
     u_seq = _log_mixture(log_a, log_1ma, sum_l)
@@ -115,13 +144,15 @@ def student_gradient(student_logits, labels, coef, lse, grad_seq, *, temperature
     z = student_logits.reshape(n, V_s)
     flat_labels = labels.reshape(n)
     scale = coef * grad_seq.repeat_interleave(T) / temperature
-    grad = torch.zeros((n, V_s), dtype=student_logits.dtype, device=z.device)
     rows = (scale != 0).nonzero().squeeze(-1)
-    for part in _chunks(rows.numel(), V_s):
-        idx = rows[part]
-        prob = torch.exp(z[idx].float() / temperature - lse[idx].unsqueeze(1))
-        prob[torch.arange(idx.numel(), device=z.device), flat_labels[idx]] -= 1.0
-        grad[idx] = (scale[idx].unsqueeze(1) * prob).to(grad.dtype)
-    return grad.view(B, T, V_s)
-
-
+    everything = rows.numel() == n
+    # Allocated in its final shape so autograd can take it over without a copy.
+    grad = (torch.empty if everything else torch.zeros)((B, T, V_s), dtype=student_logits.dtype, device=z.device)
+    rows_out = grad.view(n, V_s)
+    for idx, sel in _row_chunks(rows, n, V_s):
+        # softmax(z/τ) rebuilt from the forward's log-sum-exp, then − onehot, times the row factor.
+        prob = torch.sub(_scaled_fp32(z[sel], 1.0 / temperature), lse[idx].unsqueeze(1)).exp_()
+        prob.mul_(scale[idx].unsqueeze(1))
+        prob[torch.arange(idx.numel(), device=z.device), flat_labels[idx]] -= scale[idx]
+        rows_out[sel] = prob.to(grad.dtype)
+    return grad
