@@ -2,10 +2,11 @@
 with a ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong shape or value) that
 names the argument.
 
-Checks that would need a device→host sync are done only for CPU tensors; for CUDA tensors they are
-documented instead (see ``askd_loss``): values of ``alpha`` outside [0, 1] then give NaN for those
-sequences, and labels outside ``[0, V_s)`` that are not ``ignore_index`` give a NaN loss; neither
-reads out of bounds.
+Checks that read tensor *values* would need a device→host sync, so they are done only for CPU
+tensors in eager mode (not while ``torch.compile`` traces, where they would break the graph). Where
+they are skipped the behaviour is documented instead (see ``askd_loss``): values of ``alpha`` outside
+[0, 1] give NaN for those sequences, and labels outside ``[0, V_s)`` that are not ``ignore_index``
+give a NaN loss; neither reads out of bounds.
 """
 import math
 from numbers import Real
@@ -15,6 +16,11 @@ from torch import Tensor
 
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 REDUCTIONS = ("mean", "sum", "none")
+
+
+def can_read_values(t: Tensor) -> bool:
+    """True when checking ``t``'s values costs no device sync and no graph break."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def tensor(name, value, *, ndim=None, shape=None, floating=None, integer=False, boolean=False):
@@ -72,7 +78,7 @@ def per_sequence_alpha(alpha, batch, device):
         if not alpha.is_floating_point():
             raise TypeError(f"alpha must be a floating tensor, got {alpha.dtype}")
         same_device(device, alpha=alpha)
-        if alpha.device.type == "cpu" and not bool(((alpha >= 0) & (alpha <= 1)).all()):
+        if can_read_values(alpha) and not bool(((alpha >= 0) & (alpha <= 1)).all()):
             raise ValueError("alpha must lie in [0, 1] for every sequence")
         return alpha.detach().to(torch.float32).contiguous()
     return torch.full((batch,), number("alpha", alpha, low=0.0, high=1.0), dtype=torch.float32, device=device)
@@ -101,9 +107,37 @@ def reduction_and_num_items(reduction, num_items, device):
 
 def labels_in_vocab(labels, ignore_index, vocab):
     """Labels must be ``ignore_index`` or in [0, vocab): checked on CPU only (a sync on CUDA)."""
-    if labels.device.type != "cpu" or labels.numel() == 0:
+    if not can_read_values(labels) or labels.numel() == 0:
         return
     valid = labels != ignore_index
     if bool(((labels < 0) & valid).any()) or bool(((labels >= vocab) & valid).any()):
         raise ValueError(f"labels must be ignore_index ({ignore_index}) or in [0, {vocab}) "
                          f"(the student vocabulary)")
+
+
+def temperature(value):
+    """τ: a finite real number > 0, returned as a float."""
+    value = number("temperature", value, low=0.0, low_open=True)
+    if not math.isfinite(value):
+        raise ValueError(f"temperature must be finite, got {value}")
+    return value
+
+
+def integer(name, value):
+    """A python int (not a bool), e.g. ``ignore_index``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return value
+
+
+def apply_reduction(values, labels, ignore_index, reduction, num_items):
+    """Reduce per-sequence or per-token ``values`` as the public ops document: ``"none"`` returns them,
+    ``"sum"`` sums, ``"mean"`` divides the sum by ``num_items`` (from :func:`reduction_and_num_items`)
+    or else by the number of valid labels, a device tensor (no sync) clamped to ≥ 1 so that an
+    all-ignored batch gives 0. Plain differentiable torch ops, so upstream gradients flow back."""
+    if reduction == "none":
+        return values
+    if reduction == "sum":
+        return values.sum()
+    n = (labels != ignore_index).sum() if num_items is None else num_items
+    return values.sum() / torch.clamp(torch.as_tensor(n, dtype=torch.float32, device=values.device), min=1.0)

@@ -1,5 +1,4 @@
 """The public ASKD op: ``askd_loss`` and its module ``ASKDLoss`` (SPEC §1–4, §7)."""
-import math
 from typing import Optional, Union
 
 import torch
@@ -94,11 +93,8 @@ def askd_loss(
     gamma = check.number("gamma", gamma, low=0.0, high=1.0, low_open=True)
     if not isinstance(length_normalize, bool):
         raise TypeError(f"length_normalize must be a bool, got {type(length_normalize).__name__}")
-    temperature = check.number("temperature", temperature, low=0.0, low_open=True)
-    if not math.isfinite(temperature):
-        raise ValueError(f"temperature must be finite, got {temperature}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    temperature = check.temperature(temperature)
+    check.integer("ignore_index", ignore_index)
     num_items = check.reduction_and_num_items(reduction, num_items, device)
     check.labels_in_vocab(labels, ignore_index, V_s)
 
@@ -111,13 +107,7 @@ def askd_loss(
         as_fp32(teacher_logprobs), sgo.to(torch.int32), alpha, kappa.float(), as_fp32(old_logprobs),
         w_max, estimator, gamma, length_normalize, temperature, ignore_index,
     )
-    if reduction == "none":
-        loss = value
-    elif reduction == "sum":
-        loss = value.sum()
-    else:
-        n = (labels != ignore_index).sum() if num_items is None else num_items
-        loss = value.sum() / torch.clamp(torch.as_tensor(n, dtype=torch.float32, device=device), min=1.0)
+    loss = check.apply_reduction(value, labels, ignore_index, reduction, num_items)
     if return_stats:
         return loss, {"log_q": log_q, "log_ratio": log_ratio, "lam": lam, "coef": coef}
     return loss

@@ -1,0 +1,220 @@
+"""``skew_from_rewards`` (SPEC §5, the paper's Eq. 12): α = Φ(β·r̂), r̂ the per-group (GRPO) or
+per-batch (REINFORCE++) standardised reward; all-equal groups give α = 0.5 exactly.
+
+Checked against ``reference.skew_from_rewards_ref`` and against hand computations with
+``statistics`` / ``math.erf``, which share nothing with either implementation.
+"""
+import math
+import statistics
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import askd_kernels as ak
+from reference import skew_from_rewards_ref
+
+EPS = 1e-6
+# The result is fp32 of an fp64 computation: rounding to fp32 costs ≤ half an ulp of a number in
+# [0, 1] (≤ 3e-8); 1e-7 is that plus margin, far below any difference the tests look for.
+ATOL = 1e-7
+
+
+def _phi(x):
+    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
+def _by_hand(rewards, group_size=None, beta=1.0, eps=EPS):
+    """α per response from plain python: mean and sample (n − 1) std per group."""
+    r = [float(x) for x in rewards]
+    g = len(r) if group_size is None else group_size
+    out = []
+    for start in range(0, len(r), g):
+        grp = r[start:start + g]
+        if all(x == grp[0] for x in grp):
+            out += [0.5] * len(grp)
+            continue
+        mean, std = statistics.fmean(grp), statistics.stdev(grp)
+        out += [_phi(beta * (x - mean) / (std + eps)) for x in grp]
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def _check(alpha, expected):
+    assert alpha.dtype == torch.float32 and alpha.shape == expected.shape
+    torch.testing.assert_close(alpha.double(), expected.double(), rtol=0, atol=ATOL)
+
+
+REWARDS = torch.tensor([1.0, 0.0, 0.5, 0.25, 3.0, -1.0, 2.0, 2.0])
+
+
+@pytest.mark.parametrize("group_size", [None, 2, 4, 8])
+@pytest.mark.parametrize("beta", [1.0, 0.5, 2.5])
+def test_matches_reference_and_hand(group_size, beta):
+    alpha = ak.skew_from_rewards(REWARDS, group_size=group_size, beta=beta)
+    _check(alpha, skew_from_rewards_ref(REWARDS, group_size=group_size, beta=beta))
+    _check(alpha, _by_hand(REWARDS.tolist(), group_size, beta))
+
+
+def test_group_normalisation_by_hand():
+    # group [1, 2, 3, 4]: mean 2.5, sample std sqrt(5/3); group [10, 10, 10, 40]: mean 17.5, std 15
+    rewards = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0, 10.0, 10.0, 40.0])
+    s1, s2 = math.sqrt(5.0 / 3.0), 15.0
+    expected = [_phi((x - 2.5) / (s1 + EPS)) for x in (1, 2, 3, 4)]
+    expected += [_phi((x - 17.5) / (s2 + EPS)) for x in (10, 10, 10, 40)]
+    _check(ak.skew_from_rewards(rewards, group_size=4), torch.tensor(expected, dtype=torch.float64))
+    # groups are independent: shifting and scaling one group does not move the other
+    moved = rewards.clone()
+    moved[4:] = moved[4:] * 3 - 7
+    a, b = ak.skew_from_rewards(rewards, group_size=4), ak.skew_from_rewards(moved, group_size=4)
+    assert torch.equal(a[:4], b[:4])
+    torch.testing.assert_close(a[4:], b[4:], rtol=0, atol=1e-6)  # (std·3 + eps) vs 3·(std + eps)
+
+
+def test_batch_normalisation_is_one_group():
+    rewards = torch.tensor([0.3, -1.2, 2.0, 0.0, 0.7, 5.0])
+    mean, std = statistics.fmean(rewards.tolist()), statistics.stdev(rewards.tolist())
+    expected = torch.tensor([_phi((x - mean) / (std + EPS)) for x in rewards.tolist()], dtype=torch.float64)
+    alpha = ak.skew_from_rewards(rewards)
+    _check(alpha, expected)
+    assert torch.equal(alpha, ak.skew_from_rewards(rewards, group_size=6))
+    assert not torch.allclose(alpha, ak.skew_from_rewards(rewards, group_size=3))  # groups differ
+
+
+def test_beta_scales_the_normalised_reward():
+    rewards = torch.tensor([0.1, 0.9, 0.4, 0.6, 0.0, 1.0])
+    base = ak.skew_from_rewards(rewards, group_size=3).double()
+    r_hat = torch.special.ndtri(base)  # Φ⁻¹ recovers β·r̂ with β = 1
+    for beta in (0.25, 2.0, 3.0):
+        scaled = ak.skew_from_rewards(rewards, group_size=3, beta=beta).double()
+        # ndtri is ill-conditioned only near 0/1; |β·r̂| ≤ 3·1.2 keeps α in [2e-4, 1 − 2e-4]
+        torch.testing.assert_close(torch.special.ndtri(scaled), beta * r_hat, rtol=1e-5, atol=1e-5)
+    assert torch.equal(ak.skew_from_rewards(rewards, beta=0.0), torch.full((6,), 0.5))
+    # β < 0 mirrors α around 0.5
+    torch.testing.assert_close(ak.skew_from_rewards(rewards, beta=-1.0), 1 - ak.skew_from_rewards(rewards),
+                               rtol=0, atol=ATOL)
+
+
+# ------------------------------------------------------------------------ all-equal groups
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64])
+def test_all_equal_group_is_exactly_one_half(dtype):
+    for rewards in ([0.0] * 4, [1.0] * 8, [0.1] * 3, [7.0]):
+        r = torch.tensor(rewards).to(dtype)
+        for g in (None, len(rewards)):
+            alpha = ak.skew_from_rewards(r, group_size=g)
+            assert torch.equal(alpha, torch.full((len(rewards),), 0.5)), (rewards, g, alpha)
+
+
+def test_group_size_one_is_one_half_everywhere():
+    rewards = torch.tensor([3.0, -1.0, 0.0, 100.0, 0.2])
+    assert torch.equal(ak.skew_from_rewards(rewards, group_size=1), torch.full((5,), 0.5))
+    assert torch.equal(ak.skew_from_rewards(rewards, group_size=1, beta=10.0), torch.full((5,), 0.5))
+
+
+def test_mixed_batch_only_all_equal_groups_are_one_half():
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 2.0, 5.0, 5.0, 5.0, 0.0, 0.0, 1.0])
+    alpha = ak.skew_from_rewards(rewards, group_size=3)
+    assert torch.equal(alpha[0:3], torch.full((3,), 0.5))
+    assert torch.equal(alpha[6:9], torch.full((3,), 0.5))
+    assert bool((alpha[3:6] != 0.5).any()) and bool((alpha[9:] != 0.5).any())
+    _check(alpha, _by_hand(rewards.tolist(), 3))
+    _check(alpha, skew_from_rewards_ref(rewards, group_size=3))
+
+
+def _pairs_that_differ_by_noise():
+    """Rewards that are equal up to float noise, each pair checked to really differ."""
+    f32 = torch.float32
+    cases = [
+        torch.tensor([0.6], dtype=f32) + torch.tensor([0.1], dtype=f32),  # fp32 0.6 + 0.1 ≠ 0.7
+        torch.tensor([0.1], dtype=torch.float64) + 0.2,                    # fp64 0.1 + 0.2 ≠ 0.3
+        torch.tensor([1.0 + 1e-7], dtype=torch.float64),                   # 1 vs 1 + 1e-7
+        torch.nextafter(torch.tensor([1.0], dtype=f32), torch.tensor([2.0], dtype=f32)),  # 1 ulp
+    ]
+    others = [torch.tensor([0.7], dtype=f32), torch.tensor([0.3], dtype=torch.float64),
+              torch.tensor([1.0], dtype=torch.float64), torch.tensor([1.0], dtype=f32)]
+    return list(zip(cases, others))
+
+
+@pytest.mark.parametrize("noisy, exact", _pairs_that_differ_by_noise())
+@pytest.mark.parametrize("layout", ["pair", "one-of-four", "alternating"])
+def test_float_noise_on_equal_rewards_stays_near_one_half(noisy, exact, layout):
+    assert noisy.item() != exact.item()  # the noise is real: the spread is not exactly 0
+    pattern = {"pair": [1, 0], "one-of-four": [0, 0, 0, 1], "alternating": [1, 0, 1, 0, 1, 0]}[layout]
+    rewards = torch.cat([noisy if k else exact for k in pattern])
+    alpha = ak.skew_from_rewards(rewards, group_size=len(pattern))
+    # |r̂| = |centred|/(std + eps) with |centred|, std ≲ 1.2e-7 ≪ eps = 1e-6: |r̂| ≲ 0.12,
+    # so α = Φ(r̂) ∈ 0.5 ± 0.05; without eps (or with eps=0) r̂ would be O(1).
+    assert torch.isfinite(alpha).all()
+    assert bool(((alpha - 0.5).abs() <= 0.05).all()), alpha
+
+
+def test_monotone_in_reward_within_group():
+    g = torch.Generator().manual_seed(3)
+    rewards = torch.randn(4, 6, generator=g)
+    rewards[1] = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 0.0])  # ties: equal rewards, equal α
+    alpha = ak.skew_from_rewards(rewards.view(-1), group_size=6).view(4, 6)
+    for r, a in zip(rewards, alpha):
+        order = torch.argsort(r)
+        r_sorted, a_sorted = r[order], a[order]
+        increasing = r_sorted[1:] > r_sorted[:-1]
+        assert bool((a_sorted[1:][increasing] > a_sorted[:-1][increasing]).all()), (r, a)
+        assert bool((a_sorted[1:][~increasing] == a_sorted[:-1][~increasing]).all()), (r, a)
+
+
+# --------------------------------------------------------------------------- bad arguments
+
+
+@pytest.mark.parametrize("rewards, kwargs, exc, match", [
+    (torch.zeros(8), dict(group_size=3), ValueError, "group_size"),
+    (torch.zeros(8), dict(group_size=0), ValueError, "group_size"),
+    (torch.zeros(8), dict(group_size=-2), ValueError, "group_size"),
+    (torch.zeros(8), dict(group_size=2.0), ValueError, "group_size"),
+    (torch.zeros(8), dict(group_size=True), ValueError, "group_size"),
+    ([1.0, 2.0], {}, TypeError, "rewards"),
+    (1.0, {}, TypeError, "rewards"),
+    (torch.zeros(2, 4), {}, ValueError, "rewards"),
+    (torch.zeros(2, 4), dict(group_size=4), ValueError, "rewards"),
+    (torch.tensor(1.0), {}, ValueError, "rewards"),
+    (torch.zeros(0), {}, ValueError, "rewards"),
+    (torch.zeros(4, dtype=torch.complex64), {}, TypeError, "rewards"),
+    (torch.zeros(4), dict(beta="1"), TypeError, "beta"),
+    (torch.zeros(4), dict(eps=-1e-6), ValueError, "eps"),
+])
+def test_bad_arguments(rewards, kwargs, exc, match):
+    with pytest.raises(exc, match=rf"\b{match}\b"):
+        ak.skew_from_rewards(rewards, **kwargs)
+
+
+# ------------------------------------------------------------------------------ hypothesis
+
+
+@st.composite
+def reward_batches(draw):
+    group_size = draw(st.sampled_from([1, 2, 3, 4, 8]))
+    n_groups = draw(st.integers(1, 4))
+    # a small pool of values makes all-equal groups and ties common; wide floats cover the rest
+    value = st.one_of(st.sampled_from([0.0, 1.0, 0.5]),
+                      st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=32))
+    rewards = draw(st.lists(value, min_size=group_size * n_groups, max_size=group_size * n_groups))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    use_groups = draw(st.booleans())
+    beta = draw(st.sampled_from([1.0, 0.3, 2.0]))
+    return torch.tensor(rewards, dtype=dtype), (group_size if use_groups else None), beta
+
+
+@settings(max_examples=200)
+@given(case=reward_batches())
+def test_hypothesis_range_and_reference(case):
+    rewards, group_size, beta = case
+    alpha = ak.skew_from_rewards(rewards, group_size=group_size, beta=beta)
+    assert alpha.dtype == torch.float32 and alpha.shape == rewards.shape
+    assert not torch.isnan(alpha).any()
+    assert bool(((alpha >= 0) & (alpha <= 1)).all())
+    _check(alpha, skew_from_rewards_ref(rewards, group_size=group_size, beta=beta))
+    # groups whose rewards are all equal are exactly 0.5
+    g = rewards.numel() if group_size is None else group_size
+    for grp, a in zip(rewards.view(-1, g), alpha.view(-1, g)):
+        if bool((grp == grp[0]).all()):
+            assert torch.equal(a, torch.full_like(a, 0.5))
