@@ -4,6 +4,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+# A group whose spread is within this many units in the last place of its largest reward is "all equal".
+NOISE_ULPS = 8
+
 
 def skew_from_rewards(rewards: Tensor, *, group_size: Optional[int] = None, beta: float = 1.0,
                       eps: float = 1e-6) -> Tensor:
@@ -15,10 +18,13 @@ def skew_from_rewards(rewards: Tensor, *, group_size: Optional[int] = None, beta
     standard normal CDF (``torch.special.ndtr``): better-than-average responses get more student
     weight in the mixture.
 
-    A group whose rewards are all equal gives r̂ = 0 and α = 0.5 exactly (including groups of one):
-    the spread is tested directly, so the ~1e-7 noise an fp32 mean leaves on equal rewards cannot be
-    divided by a tiny std. Statistics are computed in float64; the result is float32 on the
-    rewards' device.
+    A group whose rewards are all equal gives r̂ = 0 and α = 0.5 exactly (including groups of one).
+    "Equal" is tested on the spread (max − min), not on the std, and allows float noise: a spread of
+    at most ``NOISE_ULPS`` units of the rewards' own precision, relative to the group's largest
+    magnitude, counts as equal. So rewards that differ only by rounding (fp32 ``0.6 + 0.1`` against
+    ``0.7``, or ``1000`` against ``1000 + 1 ulp``, where the absolute ``eps`` alone would leave
+    |r̂| ≈ 0.7) get exactly 0.5, and real differences keep ``(r − mean)/(std + eps)``. Statistics are
+    computed in float64; the result is float32 on the rewards' device.
     """
     if not isinstance(rewards, Tensor):
         raise TypeError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
@@ -40,9 +46,11 @@ def skew_from_rewards(rewards: Tensor, *, group_size: Optional[int] = None, beta
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0:
         raise ValueError(f"eps must be a float >= 0, got {eps!r}")
 
+    ulp = torch.finfo(rewards.dtype).eps if rewards.is_floating_point() else 0.0
     r = rewards.to(torch.float64).view(-1, group_size)
     centred = r - r.mean(dim=1, keepdim=True)
     std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(r[:, :1])
     spread = r.amax(dim=1, keepdim=True) - r.amin(dim=1, keepdim=True)
-    r_hat = torch.where(spread == 0, 0.0, centred / (std + eps))
+    noise = NOISE_ULPS * ulp * r.abs().amax(dim=1, keepdim=True)
+    r_hat = torch.where(spread <= noise, 0.0, centred / (std + eps))
     return torch.special.ndtr(beta * r_hat).to(torch.float32).view(-1)

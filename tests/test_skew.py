@@ -218,3 +218,20 @@ def test_hypothesis_range_and_reference(case):
     for grp, a in zip(rewards.view(-1, g), alpha.view(-1, g)):
         if bool((grp == grp[0]).all()):
             assert torch.equal(a, torch.full_like(a, 0.5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_rounding_noise_at_any_scale_is_exactly_one_half(dtype):
+    """Rewards one ulp apart are equal up to rounding whatever their magnitude: the absolute eps
+    alone would give |r̂| ≈ 0.7 for fp32 [1000, 1000 + 1 ulp], the relative floor gives exactly 0."""
+    for scale in (1.0, 1000.0, 1e6):
+        base = torch.tensor([scale], dtype=dtype)
+        nudged = torch.nextafter(base, torch.tensor([2 * scale], dtype=dtype))
+        assert nudged.item() != base.item()
+        alpha = ak.skew_from_rewards(torch.cat([base, nudged, base, nudged]), group_size=4)
+        assert torch.equal(alpha, torch.full((4,), 0.5)), (scale, alpha)
+
+
+def test_real_differences_at_large_scale_are_kept():
+    alpha = ak.skew_from_rewards(torch.tensor([1000.0, 1001.0, 1000.0, 1001.0]), group_size=4)
+    assert bool((alpha[1::2] > 0.7).all()) and bool((alpha[::2] < 0.3).all())
