@@ -27,9 +27,10 @@ def _gradient_kernel(
     b = row // T
     t = row % T
     scale = tl.load(COEF + row) * tl.load(G_SEQ + b) * inv_tau
-    lse = tl.load(LSE + row)
     label = tl.load(LABELS + row)
     n_read = tl.where(scale != 0.0, V_s, 0)  # columns to read: none when the factor is zero
+    # Not even the row's log-sum-exp: a zero-factor row with NaN logits must still write exact zeros.
+    lse = tl.load(LSE + row, mask=n_read > 0, other=0.0)
     s_row = S + b * stride_sb + t * stride_st
     g_row = GRAD + row * V_s
     cols = tl.arange(0, BLOCK)
