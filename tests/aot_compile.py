@@ -23,7 +23,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from askd_kernels import coefficients, gradient, row_stats  # noqa: E402
+from askd_kernels import coefficients, divergences, gradient, row_stats  # noqa: E402
 
 TARGETS = (80, 90)
 LOGIT_TYPES = ("*bf16", "*fp16", "*fp32")
@@ -71,7 +71,32 @@ def _gradient_specs():
                 {"stride_sv": 1, "BLOCK": block}, row_stats.NUM_WARPS
 
 
-SPECS = [_row_stats_specs, _coefficients_specs, _gradient_specs]
+def _divergence_specs():
+    # Every KIND × logits dtype × smallest/largest block, for the forward and the backward kernel, plus
+    # the i64-stride variant of the heaviest kind (srkl) that tensors beyond 2^31 elements get.
+    variants = [(k, d, b, "i32") for k in divergences.KINDS for d in LOGIT_TYPES for b in (16, row_stats.MAX_BLOCK)]
+    variants.append(("srkl", "*bf16", row_stats.MAX_BLOCK, "i64"))
+    for kind, dtype, block, stride in variants:
+        rows = {
+            "S": dtype, "stride_sb": stride, "stride_st": stride, "stride_sv": "constexpr",
+            "W": dtype, "stride_wb": stride, "stride_wt": stride, "stride_wv": "constexpr",
+        }
+        per_seq = {"LABELS": "*i64", "KAPPA": "*fp32", "LOG_W": "*fp32"}
+        tail = {"T": "i32", "ignore_index": "i32", "inv_tau": "fp32", "KIND": "constexpr", "BLOCK": "constexpr"}
+        const = {"stride_sv": 1, "stride_wv": 1, "KIND": divergences.KINDS[kind], "BLOCK": block}
+        forward = {**rows, "V": "i32", **per_seq,
+                   "VALUE": "*fp32", "ROW_SUM": "*fp32", "LSE_S": "*fp32", "LSE_T": "*fp32", **tail}
+        backward = {**dict(list(rows.items())[:4]), "V_s": "i32", **dict(list(rows.items())[4:]), "V": "i32",
+                    **per_seq, "LSE_S": "*fp32", "LSE_T": "*fp32", "ROW_SUM": "*fp32", "G": "*fp32",
+                    "GRAD": dtype, **tail}
+        label = f"{kind},{dtype[1:]},BLOCK={block},strides={stride}"
+        yield f"divergence_forward[{label}]", divergences._divergence_forward_kernel, forward, const, \
+            row_stats.NUM_WARPS
+        yield f"divergence_backward[{label}]", divergences._divergence_backward_kernel, backward, const, \
+            row_stats.NUM_WARPS
+
+
+SPECS = [_row_stats_specs, _coefficients_specs, _gradient_specs, _divergence_specs]
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 

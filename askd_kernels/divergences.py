@@ -1,0 +1,237 @@
+"""Triton kernels of the full-vocabulary divergence family (SPEC §6): fkl, rkl, skl, srkl, jsd, tvd.
+
+Per valid position, over the shared vocabulary [0, V), V = min(V_s, V_t), with both rows renormalised
+there (x_v = log q_v = z_v/τ − logsumexp(z[:V]/τ), y_v = log p_v likewise), a per-token value f(q, p)
+and its gradient w.r.t. the student logits. Writing a_v = q_v·∂f/∂q_v, the softmax Jacobian gives
+
+    ∂f/∂z_v = (a_v − q_v·S)/τ,     S = Σ_u a_u                                         (1)
+
+so the work is two streaming passes per token in the forward kernel and one in the backward kernel:
+
+* forward  — pass 1: ``row_logsumexp`` of both rows over [0, V) (the package's one online LSE);
+             pass 2: Σ_v f-terms (the value) and S, both fp32, stored per token with the two LSEs;
+* backward — recomputes x, y and a_v block by block and writes g·(a_v − q_v·S)/τ in the logits'
+             dtype; student columns in [V, V_s) get 0. A row whose factor is zero (ignored, clipped,
+             zero upstream gradient) writes zeros without reading the logits.
+
+The forward allocates four fp32 vectors of length B·T; the backward only the gradient.
+
+Per kind (m = w_q·q + w_p·p, log m = logaddexp(log w_q + x, log w_p + y) — never log(p + q) — with
+(w_q, w_p) = (α, 1−α) for skl/srkl and (1−β, β) for jsd, given as log weights that may be −inf):
+
+    kind   f-terms of column v                        a_v
+    fkl    p (y − x)                                  −p
+    rkl    q (x − y)                                  q (x − y)
+    skl    p (y − log m)                              −p · α q/m
+    srkl   q (x − log m)                              q (x − log m + (1−α) p/m)
+    jsd    β p (y − log M) + (1−β) q (x − log M)      (1−β) q (x − log M)
+    tvd    ½ |p − q|                                  ½ q sign(q − p)
+
+rkl drops the constant 1 of ∂f/∂q_v (the gradient (1) is unchanged when a_v += c·q_v); srkl's a_v is the full
+q·∂f/∂q, including the dependence of m on q, with 1 − α q/m written as (1−α) p/m; jsd is for
+0 < β < 1 only (``divergence_loss`` maps β = 0 and β = 1 to fkl and rkl); tvd's subgradient is 0 at
+ties.
+
+Every term is guarded so that 0·log 0 = 0 (p_v = 0 or q_v = 0 from −inf logits or from the padding
+of the last block) and ratios like α q/m are formed as exp(log α + x − log m), exact at α ∈ {0, 1}:
+skl at α = 1 is fkl and at α = 0 is exactly 0; srkl at α = 0 is rkl and at α = 1 is exactly 0 with
+an exactly zero gradient (srkl's a_v keeps (1−α)p/m rather than 1 − αq/m for that reason).
+
+KIND is a ``tl.constexpr``, not a runtime int: each kind compiles to its own specialisation holding
+only its own math (no per-element selects over six formulas, no transcendental functions a kind does
+not need, fewer live registers — the heaviest kinds are near the register budget at the largest
+block). A runtime int would either evaluate every kind per element (``tl.where``) or branch inside
+the innermost loop; six small specialisations per dtype and block are cheap to compile.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_math import log_mixture, row_logsumexp
+from .row_stats import NUM_WARPS, vocab_block
+
+KINDS = {"fkl": 0, "rkl": 1, "skl": 2, "srkl": 3, "jsd": 4, "tvd": 5}
+
+
+# ---- per-kind math: (f-terms, a) of one block; x = log q, y = log p, la/lb = log w_q, log w_p ----
+@triton.jit
+def _fkl(x, y, q, p):
+    return tl.where(p > 0.0, p * (y - x), 0.0), -p
+
+
+@triton.jit
+def _rkl(x, y, q, p):
+    a = tl.where(q > 0.0, q * (x - y), 0.0)
+    return a, a
+
+
+@triton.jit
+def _skl(x, y, q, p, la, lb):
+    log_m = log_mixture(la + x, lb, y)
+    value = tl.where(p > 0.0, p * (y - log_m), 0.0)
+    # α q/m; at α = 0 exp(−inf) = 0. Both p, q > 0 keeps log m finite.
+    a = tl.where((p > 0.0) & (q > 0.0), -p * tl.exp(la + x - log_m), 0.0)
+    return value, a
+
+
+@triton.jit
+def _srkl(x, y, q, p, la, lb):
+    log_m = log_mixture(la + x, lb, y)
+    d = x - log_m
+    skew = tl.where(p > 0.0, tl.exp(lb + y - log_m), 0.0)  # (1−α) p/m
+    return tl.where(q > 0.0, q * d, 0.0), tl.where(q > 0.0, q * (d + skew), 0.0)
+
+
+@triton.jit
+def _jsd(x, y, q, p, la, lb):
+    log_m = log_mixture(la + x, lb, y)
+    w_q = tl.exp(la)
+    student = tl.where(q > 0.0, w_q * q * (x - log_m), 0.0)
+    value = tl.where(p > 0.0, tl.exp(lb) * p * (y - log_m), 0.0) + student
+    return value, student
+
+
+@triton.jit
+def _tvd(x, y, q, p):
+    return 0.5 * tl.abs(p - q), tl.where(q > p, 0.5 * q, tl.where(q < p, -0.5 * q, 0.0))
+
+
+@triton.jit
+def _kind_terms(x, y, la, lb, KIND: tl.constexpr):
+    """(f-terms, a) of a block for the kind; columns with x = y = −inf give (0, 0)."""
+    q = tl.exp(x)
+    p = tl.exp(y)
+    if KIND == 0:
+        value, a = _fkl(x, y, q, p)
+    elif KIND == 1:
+        value, a = _rkl(x, y, q, p)
+    elif KIND == 2:
+        value, a = _skl(x, y, q, p, la, lb)
+    elif KIND == 3:
+        value, a = _srkl(x, y, q, p, la, lb)
+    elif KIND == 4:
+        value, a = _jsd(x, y, q, p, la, lb)
+    else:
+        value, a = _tvd(x, y, q, p)
+    return value, a, q
+
+
+# ---- shared row plumbing of the two kernels --------------------------------------------------
+@triton.jit
+def _row_setup(LABELS, KAPPA, LOG_W, T, ignore_index):
+    """(b, t, active, log w_q, log w_p) of this program's row; inactive = ignored or clipped."""
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row % T
+    active = (tl.load(LABELS + row) != ignore_index) & (tl.load(KAPPA + b) != 0.0)
+    return row, b, t, active, tl.load(LOG_W + 2 * b), tl.load(LOG_W + 2 * b + 1)
+
+
+@triton.jit
+def _block_log_probs(s_row, stride_sv, w_row, stride_wv, offs, n_read, inv_tau, lse_s, lse_t):
+    """log q and log p of the columns ``offs``; columns ≥ n_read read as −inf (probability 0)."""
+    z = tl.load(s_row + offs * stride_sv, mask=offs < n_read, other=float("-inf"))
+    w = tl.load(w_row + offs * stride_wv, mask=offs < n_read, other=float("-inf"))
+    return z.to(tl.float32) * inv_tau - lse_s, w.to(tl.float32) * inv_tau - lse_t
+
+
+@triton.jit
+def _divergence_forward_kernel(
+    S, stride_sb, stride_st, stride_sv,             # student logits [B, T, V_s], any strides
+    W, stride_wb, stride_wt, stride_wv,             # teacher logits [B, T, V_t], any strides
+    V,                                              # shared vocabulary min(V_s, V_t)
+    LABELS, KAPPA, LOG_W,                           # [B·T] int; [B] fp32 (0 = clipped); [B, 2] fp32
+    VALUE, ROW_SUM, LSE_S, LSE_T,                   # outputs [B·T] fp32
+    T, ignore_index, inv_tau,
+    KIND: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row, b, t, active, la, lb = _row_setup(LABELS, KAPPA, LOG_W, T, ignore_index)
+    n_blocks = tl.where(active, tl.cdiv(V, BLOCK), 0)  # inactive rows visit no vocabulary block
+    s_row = S + b * stride_sb + t * stride_st
+    w_row = W + b * stride_wb + t * stride_wt
+    lse_s = row_logsumexp(s_row, stride_sv, V, n_blocks, inv_tau, BLOCK)
+    lse_t = row_logsumexp(w_row, stride_wv, V, n_blocks, inv_tau, BLOCK)
+    # Inactive rows store 0, not −inf: the backward never reads them, but keep the outputs finite.
+    # (Stored before pass 2 so that nothing but the two LSEs stays live across its loop.)
+    tl.store(LSE_S + row, tl.where(active, lse_s, 0.0))
+    tl.store(LSE_T + row, tl.where(active, lse_t, 0.0))
+
+    cols = tl.arange(0, BLOCK)
+    # Scalar accumulators (one reduction per block): vector ones would keep 2·BLOCK/threads more
+    # registers live, which spills the heaviest kinds at the largest block.
+    value = tl.zeros([], dtype=tl.float32)
+    row_sum = tl.zeros([], dtype=tl.float32)
+    for i in range(0, n_blocks):
+        x, y = _block_log_probs(s_row, stride_sv, w_row, stride_wv, i * BLOCK + cols, V, inv_tau, lse_s, lse_t)
+        v, a, _q = _kind_terms(x, y, la, lb, KIND)
+        value += tl.sum(v, axis=0)
+        row_sum += tl.sum(a, axis=0)
+    tl.store(VALUE + row, value)  # 0 for inactive rows: their loop is empty
+    tl.store(ROW_SUM + row, row_sum)
+
+
+@triton.jit
+def _divergence_backward_kernel(
+    S, stride_sb, stride_st, stride_sv, V_s,        # student logits [B, T, V_s], any strides
+    W, stride_wb, stride_wt, stride_wv, V,          # teacher logits, V = min(V_s, V_t)
+    LABELS, KAPPA, LOG_W,                           # as in the forward kernel
+    LSE_S, LSE_T, ROW_SUM, G,                       # [B·T] fp32: forward outputs, upstream gradient
+    GRAD,                                           # output [B·T, V_s], contiguous, logits' dtype
+    T, ignore_index, inv_tau,
+    KIND: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row, b, t, active, la, lb = _row_setup(LABELS, KAPPA, LOG_W, T, ignore_index)
+    scale = tl.where(active, tl.load(G + row), 0.0) * inv_tau
+    live = scale != 0.0
+    n_read = tl.where(live, V, 0)  # columns to read: none when the factor is zero
+    # A dead row's statistics are not read either (they may be NaN from NaN logits): 0 keeps q = a = 0.
+    lse_s = tl.load(LSE_S + row, mask=live, other=0.0)
+    lse_t = tl.load(LSE_T + row, mask=live, other=0.0)
+    row_sum = tl.load(ROW_SUM + row, mask=live, other=0.0)
+    s_row = S + b * stride_sb + t * stride_st
+    w_row = W + b * stride_wb + t * stride_wt
+    g_row = GRAD + row * V_s
+    cols = tl.arange(0, BLOCK)
+    for i in range(0, tl.cdiv(V_s, BLOCK)):
+        offs = i * BLOCK + cols
+        x, y = _block_log_probs(s_row, stride_sv, w_row, stride_wv, offs, n_read, inv_tau, lse_s, lse_t)
+        _v, a, q = _kind_terms(x, y, la, lb, KIND)  # columns ≥ V: q = a = 0, gradient 0
+        grad = scale * (a - q * row_sum)
+        tl.store(g_row + offs, grad.to(GRAD.dtype.element_ty), mask=offs < V_s)
+
+
+def forward(student_logits, teacher_logits, labels, kappa, log_w, *, kind, temperature, ignore_index):
+    """Forward kernel. ``labels`` contiguous [B, T]; ``kappa`` [B] and ``log_w`` [B, 2] contiguous fp32.
+
+    Returns ``(value, row_sum, lse_s, lse_t)``, each fp32 of shape [B·T].
+    """
+    B, T, V_s = student_logits.shape
+    V = min(V_s, teacher_logits.shape[2])
+    n = B * T
+    value = torch.empty(n, dtype=torch.float32, device=student_logits.device)
+    row_sum, lse_s, lse_t = (torch.empty_like(value) for _ in range(3))
+    _divergence_forward_kernel[(n,)](
+        student_logits, *student_logits.stride(), teacher_logits, *teacher_logits.stride(), V,
+        labels, kappa, log_w, value, row_sum, lse_s, lse_t,
+        T, ignore_index, 1.0 / temperature,
+        KIND=KINDS[kind], BLOCK=vocab_block(V), num_warps=NUM_WARPS,
+    )
+    return value, row_sum, lse_s, lse_t
+
+
+def backward(student_logits, teacher_logits, labels, kappa, log_w, lse_s, lse_t, row_sum, grad_value, *,
+             kind, temperature, ignore_index):
+    """Backward kernel; ``grad_value`` is the contiguous fp32 [B·T] upstream gradient of the values.
+
+    Returns a new contiguous tensor shaped and typed like ``student_logits``.
+    """
+    B, T, V_s = student_logits.shape
+    V = min(V_s, teacher_logits.shape[2])
+    grad = torch.empty((B, T, V_s), dtype=student_logits.dtype, device=student_logits.device)
+    _divergence_backward_kernel[(B * T,)](
+        student_logits, *student_logits.stride(), V_s, teacher_logits, *teacher_logits.stride(), V,
+        labels, kappa, log_w, lse_s, lse_t, row_sum, grad_value, grad,
+        T, ignore_index, 1.0 / temperature,
+        KIND=KINDS[kind], BLOCK=vocab_block(V_s), num_warps=NUM_WARPS,
+    )
+    return grad
