@@ -41,10 +41,11 @@ def tensor(name, value, *, ndim=None, shape=None, floating=None, integer=False, 
     return value
 
 
-def same_device(device, **tensors):
+def same_device(device, *, reference="student_logits", **tensors):
+    """Every non-None tensor is on ``device``, the device of the argument named ``reference``."""
     for name, value in tensors.items():
         if value is not None and value.device != device:
-            raise ValueError(f"{name} is on {value.device} but student_logits is on {device}")
+            raise ValueError(f"{name} is on {value.device} but {reference} is on {device}")
 
 
 def number(name, value, *, low=None, high=None, low_open=False, high_open=False):
@@ -105,14 +106,14 @@ def reduction_and_num_items(reduction, num_items, device):
     return number("num_items", num_items, low=0.0, low_open=True)
 
 
-def labels_in_vocab(labels, ignore_index, vocab):
+def labels_in_vocab(labels, ignore_index, vocab, vocabulary="the student vocabulary"):
     """Labels must be ``ignore_index`` or in [0, vocab): checked on CPU only (a sync on CUDA)."""
     if not can_read_values(labels) or labels.numel() == 0:
         return
     valid = labels != ignore_index
     if bool(((labels < 0) & valid).any()) or bool(((labels >= vocab) & valid).any()):
         raise ValueError(f"labels must be ignore_index ({ignore_index}) or in [0, {vocab}) "
-                         f"(the student vocabulary)")
+                         f"({vocabulary})")
 
 
 def temperature(value):

@@ -1,5 +1,5 @@
 """The public ASKD op: ``askd_loss`` and its module ``ASKDLoss`` (SPEC §1–4, §7)."""
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -69,7 +69,6 @@ def askd_loss(
     B, T, V_s = student_logits.shape
     if B == 0 or T == 0 or V_s == 0:
         raise ValueError(f"student_logits must be non-empty, got shape {(B, T, V_s)}")
-    device = student_logits.device
     check.tensor("labels", labels, shape=(B, T), integer=True)
     if (teacher_logits is None) == (teacher_logprobs is None):
         raise ValueError("pass exactly one of teacher_logits and teacher_logprobs")
@@ -80,12 +79,60 @@ def askd_loss(
                              f"got {tuple(teacher_logits.shape)}")
     else:
         check.tensor("teacher_logprobs", teacher_logprobs, shape=(B, T), floating=check.LOGIT_DTYPES)
+    args = check_askd_options(
+        student_logits.device, labels, V_s, teachers={"teacher_logits": teacher_logits,
+                                                      "teacher_logprobs": teacher_logprobs},
+        student_generated=student_generated, alpha=alpha, clip=clip, old_logprobs=old_logprobs,
+        is_max=is_max, estimator=estimator, gamma=gamma, length_normalize=length_normalize,
+        temperature=temperature, ignore_index=ignore_index, reduction=reduction, num_items=num_items)
+
+    # ---- stages (a) + (b) in one custom op; the reduction stays in autograd-visible torch ------
+    outputs = askd_forward(
+        student_logits, args.labels, None if teacher_logits is None else teacher_logits.detach(),
+        detached_fp32(teacher_logprobs), *args.op_args())
+    return finish_askd(outputs, args, return_stats)
+
+
+def detached_fp32(x: Optional[Tensor]) -> Optional[Tensor]:
+    return None if x is None else x.detach().float().contiguous()
+
+
+class ASKDArgs(NamedTuple):
+    """The validated options of an ASKD call, in the form the custom ops take them."""
+    labels: Tensor                    # contiguous [B, T]
+    student_generated: Tensor         # int32 [B]
+    alpha: Tensor                     # fp32 [B]
+    kappa: Tensor                     # fp32 [B], 0 = clipped SGO
+    old_logprobs: Optional[Tensor]    # detached fp32 contiguous [B, T]
+    w_max: float
+    estimator: str
+    gamma: float
+    length_normalize: bool
+    temperature: float
+    ignore_index: int
+    reduction: str
+    num_items: Optional[Union[float, Tensor]]
+
+    def op_args(self):
+        """The custom ops' arguments after the logits (or hidden states) and the teacher."""
+        return (self.student_generated, self.alpha, self.kappa, self.old_logprobs, self.w_max,
+                self.estimator, self.gamma, self.length_normalize, self.temperature, self.ignore_index)
+
+
+def check_askd_options(device, labels, vocab, *, teachers, student_generated, alpha, clip, old_logprobs,
+                       is_max, estimator, gamma, length_normalize, temperature, ignore_index, reduction,
+                       num_items, reference="student_logits") -> ASKDArgs:
+    """The checks every ASKD entry point shares, after its own checks of the student, ``labels``
+    (already known to be [B, T] integer) and the teacher tensors (``teachers``: name → tensor or
+    None, checked here only for their device). ``reference`` names the argument whose device is
+    ``device``; ``vocab`` is the student vocabulary the labels must lie in."""
+    B, T = labels.shape
     if old_logprobs is not None:
         check.tensor("old_logprobs", old_logprobs, shape=(B, T), floating=check.LOGIT_DTYPES)
     if clip is not None:
         check.tensor("clip", clip, ndim=1, shape=(B,), boolean=True)
-    check.same_device(device, labels=labels, teacher_logits=teacher_logits,
-                      teacher_logprobs=teacher_logprobs, old_logprobs=old_logprobs, clip=clip)
+    check.same_device(device, reference=reference, labels=labels, **teachers, old_logprobs=old_logprobs,
+                      clip=clip)
     sgo = check.per_sequence_flag("student_generated", student_generated, B, device)
     alpha = check.per_sequence_alpha(alpha, B, device)
     w_max = float("inf") if is_max is None else check.number("is_max", is_max, low=0.0, low_open=True)
@@ -96,18 +143,18 @@ def askd_loss(
     temperature = check.temperature(temperature)
     check.integer("ignore_index", ignore_index)
     num_items = check.reduction_and_num_items(reduction, num_items, device)
-    check.labels_in_vocab(labels, ignore_index, V_s)
-
-    # ---- stages (a) + (b) in one custom op; the reduction stays in autograd-visible torch ------
+    check.labels_in_vocab(labels, ignore_index, vocab)
     kappa = torch.where(sgo & clip, 0.0, 1.0) if clip is not None else torch.ones(B, device=device)
-    labels = labels.contiguous()
-    as_fp32 = lambda x: None if x is None else x.detach().float().contiguous()  # noqa: E731
-    value, log_q, log_ratio, lam, coef, _lse = askd_forward(
-        student_logits, labels, None if teacher_logits is None else teacher_logits.detach(),
-        as_fp32(teacher_logprobs), sgo.to(torch.int32), alpha, kappa.float(), as_fp32(old_logprobs),
-        w_max, estimator, gamma, length_normalize, temperature, ignore_index,
-    )
-    loss = check.apply_reduction(value, labels, ignore_index, reduction, num_items)
+    return ASKDArgs(labels.contiguous(), sgo.to(torch.int32), alpha, kappa.float(),
+                    detached_fp32(old_logprobs), w_max, estimator, gamma, length_normalize, temperature,
+                    ignore_index, reduction, num_items)
+
+
+def finish_askd(outputs, args: ASKDArgs, return_stats: bool):
+    """The reduction of the per-sequence values (differentiable torch ops) and the optional stats,
+    from a forward op's ``(value, log_q, log_ratio, lam, coef, lse)``."""
+    value, log_q, log_ratio, lam, coef, _lse = outputs
+    loss = check.apply_reduction(value, args.labels, args.ignore_index, args.reduction, args.num_items)
     if return_stats:
         return loss, {"log_q": log_q, "log_ratio": log_ratio, "lam": lam, "coef": coef}
     return loss

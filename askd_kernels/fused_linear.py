@@ -1,0 +1,346 @@
+"""ASKD and per-token log-probs straight from hidden states and the lm_head weight (issue 6).
+
+``logits = hidden @ weight.T + bias`` is never materialised for all tokens at once. The B·T rows are
+processed ``chunk_rows(V, H)`` at a time:
+
+* forward: each chunk's logits come from one GEMM (``torch.mm``/``torch.addmm`` in the inputs' dtype
+  — fp32 accumulation inside the GEMM, the chunk stored in fp32/bf16/fp16 like materialised logits
+  would be) and go straight into the existing stage-(a) launcher, called on a ``[1, C, V]`` view
+  with the teacher's log-probs (the student-only variant). Only the per-token fp32 vectors
+  ``log q``, ``ℓ`` and ``logsumexp`` survive the chunk. The coefficient scan (stage b) runs once
+  after the last chunk, on those vectors.
+* backward: each chunk's logits are recomputed and turned into ``grad_logits`` by the existing
+  stage-(c) launcher, with the per-token factor ``coef_t·g_b`` (the upstream gradient folded in,
+  since a chunk spans several sequences); then ``grad_hidden[chunk] = grad_logits @ W`` and
+  ``grad_W += grad_logitsᵀ @ hidden[chunk]``, ``grad_b += Σ_rows grad_logits``, both accumulated in
+  fp32 across chunks and cast to the parameters' dtype at the end.
+
+``token_logprobs`` is stage (a) alone (log q_t with the teacher slot unused); its backward is the same
+stage-(c) launcher with factor −g_t, since ∂log q_t/∂z = (onehot(y_t) − softmax(z/τ))/τ.
+
+Chunk rule (:func:`chunk_rows`): ``C = min(H, CHUNK_ELEMENTS // V)`` rows, at least 1, rounded down to
+a multiple of 64 (the GEMM tile) once it is ≥ 128. The budget bounds one chunk's logits to
+``CHUNK_ELEMENTS`` entries (2^27: 256 MiB in bf16), the cap ``H`` keeps a chunk's logits no larger
+than the weight itself. For Qwen2-7B (V = 152064, H = 3584) that is 832 rows, enough for the GEMM to
+be compute-bound (the weight is re-read once per chunk: C flops per byte of W). Peak extra memory is
+O(C·V) — independent of the number of tokens — plus O(B·T) fp32 vectors and, in the backward, the
+fp32 accumulator of ``grad_W`` (V·H·4 bytes; the gradient itself for fp32 weights).
+
+Backend choice is the core op's (:func:`askd_kernels.ops.backend_for`): the Triton launchers on CUDA,
+the chunked PyTorch stages of :mod:`askd_kernels.torch_impl` on CPU. All three functions are
+``torch.library`` custom ops with fake implementations and a registered autograd formula, so
+``torch.compile(fullgraph=True)`` traces through them.
+"""
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import _checks as check
+from .askd import check_askd_options, detached_fp32, finish_askd
+from .ops import backend_for
+
+# Entries of one chunk's logits (tests lower it to force several chunks on tiny shapes).
+CHUNK_ELEMENTS = 1 << 27
+TILE_ROWS = 64
+
+
+def chunk_rows(vocab: int, hidden_size: int) -> int:
+    """Rows per chunk: ``min(H, CHUNK_ELEMENTS // V)``, ≥ 1, a multiple of 64 once ≥ 128."""
+    rows = max(1, min(hidden_size, CHUNK_ELEMENTS // max(1, vocab)))
+    return rows - rows % TILE_ROWS if rows >= 2 * TILE_ROWS else rows
+
+
+def _chunks(hidden: Tensor, vocab: int):
+    """Yield ``(start, stop, rows)``: consecutive chunks of the B·T rows of ``hidden`` [B, T, H].
+
+    ``rows`` is a view when the strides allow one; otherwise (e.g. ``hidden[:, :-1]`` of a contiguous
+    buffer) only that chunk's rows are gathered, never a copy of all of ``hidden``.
+    """
+    B, T, H = hidden.shape
+    n = B * T
+    try:
+        flat = hidden.view(n, H)
+    except RuntimeError:
+        flat = None
+    step = chunk_rows(vocab, H)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        if flat is not None:
+            yield start, stop, flat[start:stop]
+        else:
+            i = torch.arange(start, stop, device=hidden.device)
+            yield start, stop, hidden[i // T, i % T]
+
+
+def _logits(rows: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """One chunk's logits ``[1, C, V]`` in the inputs' dtype."""
+    out = torch.mm(rows, weight.T) if bias is None else torch.addmm(bias, rows, weight.T)
+    return out.unsqueeze(0)
+
+
+def _chunked_row_stats(hidden, weight, bias, labels, teacher_logprobs, temperature, ignore_index):
+    """Stage (a) chunk by chunk: fp32 ``(log_q, log_ratio, lse)`` [B·T]. Without ``teacher_logprobs``
+    the teacher slot reads zeros and ``log_ratio`` is meaningless."""
+    stages = backend_for(hidden.device)
+    n = labels.numel()
+    flat_labels = labels.view(n)
+    out = [torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(3)]
+    for start, stop, rows in _chunks(hidden, weight.shape[0]):
+        teacher = (torch.zeros(stop - start, dtype=torch.float32, device=hidden.device)
+                   if teacher_logprobs is None else teacher_logprobs.view(n)[start:stop])
+        stats = stages.row_stats(_logits(rows, weight, bias), flat_labels[start:stop].view(1, -1), None,
+                                 teacher.view(1, -1), temperature=temperature, ignore_index=ignore_index)
+        for dst, src in zip(out, stats):
+            dst[start:stop] = src
+    return out
+
+
+def _add_weight_grad(acc: Tensor, grad_rows: Tensor, rows: Tensor) -> None:
+    """``acc [V, H] (fp32) += grad_rowsᵀ @ rows`` with fp32 accumulation across chunks."""
+    if grad_rows.dtype == torch.float32:
+        acc.addmm_(grad_rows.T, rows)
+    elif grad_rows.is_cuda:
+        # bf16/fp16 tensor-core GEMM with an fp32 result; V sliced so the fp32 temporary stays within
+        # CHUNK_ELEMENTS entries.
+        step = max(1, CHUNK_ELEMENTS // rows.shape[1])
+        for v in range(0, acc.shape[0], step):
+            acc[v:v + step].add_(torch.mm(grad_rows[:, v:v + step].T, rows, out_dtype=torch.float32))
+    else:
+        # CPU has no mixed-precision GEMM: fp32 copies of this chunk's operands (O(C·V)).
+        acc.addmm_(grad_rows.T.float(), rows.float())
+
+
+def _chunked_backward(hidden, weight, bias, labels, scale, lse, temperature, need_hidden, need_weight,
+                      need_bias):
+    """Stage (c) chunk by chunk with per-token factor ``scale`` (fp32 [B·T], zero where no gradient),
+    then the two GEMMs of the linear layer. Gradients not needed come back as empty tensors."""
+    stages = backend_for(hidden.device)
+    B, T, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    flat_labels = labels.view(-1)
+    grad_hidden = torch.empty((B, T, H) if need_hidden else (0,), dtype=hidden.dtype, device=dev)
+    grad_weight = torch.zeros((V, H) if need_weight else (0,), dtype=torch.float32, device=dev)
+    grad_bias = torch.zeros((V,) if need_bias else (0,), dtype=torch.float32, device=dev)
+    one = torch.ones(1, dtype=torch.float32, device=dev)  # g is already folded into ``scale``
+    for start, stop, rows in _chunks(hidden, V):
+        grad_rows = stages.student_gradient(
+            _logits(rows, weight, bias), flat_labels[start:stop].view(1, -1), scale[start:stop],
+            lse[start:stop], one, temperature=temperature)[0]
+        if need_hidden:
+            torch.mm(grad_rows, weight, out=grad_hidden.view(B * T, H)[start:stop])
+        if need_weight:
+            _add_weight_grad(grad_weight, grad_rows, rows)
+        if need_bias:
+            grad_bias += grad_rows.sum(0, dtype=torch.float32)
+    return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
+
+
+# ---- custom ops ------------------------------------------------------------------------------------
+
+@torch.library.custom_op("askd_kernels::linear_askd_forward", mutates_args=())
+def linear_askd_forward(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, teacher_logprobs: Tensor,
+    student_generated: Tensor, alpha: Tensor, kappa: Tensor, old_logprobs: Optional[Tensor],
+    w_max: float, estimator: str, gamma: float, length_normalize: bool, temperature: float,
+    ignore_index: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Chunked stage (a), then stage (b): ``value [B]`` and ``log_q, log_ratio, lam, coef, lse``
+    [B, T] (fp32), exactly as ``askd_forward`` returns them for the materialised logits."""
+    B, T = labels.shape
+    log_q, log_ratio, lse = _chunked_row_stats(hidden, weight, bias, labels, teacher_logprobs,
+                                               temperature, ignore_index)
+    if old_logprobs is None:  # importance weight exp(log q − log q) = 1, whatever the cap
+        old_logprobs, w_max = log_q, float("inf")
+    lam, coef, value = backend_for(hidden.device).coefficients(
+        log_q, log_ratio, old_logprobs.reshape(-1), labels, alpha, student_generated, kappa,
+        estimator=estimator, gamma=gamma, w_max=w_max, length_normalize=length_normalize,
+        ignore_index=ignore_index)
+    return (value, *(x.view(B, T) for x in (log_q, log_ratio, lam, coef, lse)))
+
+
+@linear_askd_forward.register_fake
+def _(hidden, weight, bias, labels, teacher_logprobs, student_generated, alpha, kappa, old_logprobs,
+      w_max, estimator, gamma, length_normalize, temperature, ignore_index):
+    per_token = [labels.new_empty(labels.shape, dtype=torch.float32) for _ in range(5)]
+    return (labels.new_empty(labels.shape[:1], dtype=torch.float32), *per_token)
+
+
+@torch.library.custom_op("askd_kernels::linear_logprobs_forward", mutates_args=())
+def linear_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                            temperature: float, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """Chunked stage (a) without a teacher: ``log_q`` and ``lse``, fp32 [B, T], 0 at ignored positions."""
+    log_q, _, lse = _chunked_row_stats(hidden, weight, bias, labels, None, temperature, ignore_index)
+    return log_q.view(labels.shape), lse.view(labels.shape)
+
+
+@linear_logprobs_forward.register_fake
+def _(hidden, weight, bias, labels, temperature, ignore_index):
+    return tuple(labels.new_empty(labels.shape, dtype=torch.float32) for _ in range(2))
+
+
+@torch.library.custom_op("askd_kernels::linear_backward", mutates_args=())
+def linear_backward(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, scale: Tensor, lse: Tensor,
+    temperature: float, need_hidden: bool, need_weight: bool, need_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients w.r.t. hidden, weight and bias of ``Σ_t scale_t · log q_t``'s REINFORCE form:
+    ``grad_logits = scale_t·(softmax(z/τ) − onehot(y_t))/τ``. Unneeded ones are empty tensors."""
+    return _chunked_backward(hidden, weight, bias, labels, scale.float().contiguous().view(-1),
+                             lse.contiguous().view(-1), temperature, need_hidden, need_weight, need_bias)
+
+
+@linear_backward.register_fake
+def _(hidden, weight, bias, labels, scale, lse, temperature, need_hidden, need_weight, need_bias):
+    def like(t, needed):
+        return t.new_empty(t.shape if needed else (0,), dtype=weight.dtype)
+    return like(hidden, need_hidden), like(weight, need_weight), like(weight[:, 0], need_bias)
+
+
+def _linear_grads(ctx, hidden, weight, bias, labels, scale, lse):
+    """``(grad_hidden, grad_weight, grad_bias)`` for the inputs that need one, else None."""
+    need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+    if not any(need):
+        return None, None, None
+    grads = linear_backward(hidden, weight, bias, labels, scale, lse, ctx.temperature, *need)
+    return tuple(g if needed else None for g, needed in zip(grads, need))
+
+
+def _askd_setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels = inputs[:4]
+    *_, coef, lse = output
+    ctx.save_for_backward(hidden, weight, bias, labels, coef, lse)
+    ctx.temperature = inputs[-2]
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _askd_backward(ctx, grad_value, *_unused_grads):
+    hidden, weight, bias, labels, coef, lse = ctx.saved_tensors
+    scale = coef * grad_value.float().unsqueeze(1)  # κ·w·λ·g_b per token (0 where no gradient)
+    return (*_linear_grads(ctx, hidden, weight, bias, labels, scale, lse),) + (None,) * 12
+
+
+linear_askd_forward.register_autograd(_askd_backward, setup_context=_askd_setup_context)
+
+
+def _logprobs_setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, temperature, ignore_index = inputs
+    ctx.save_for_backward(hidden, weight, bias, labels, output[1])
+    ctx.temperature, ctx.ignore_index = temperature, ignore_index
+    ctx.mark_non_differentiable(output[1])
+
+
+def _logprobs_backward(ctx, grad_log_q, _grad_lse):
+    hidden, weight, bias, labels, lse = ctx.saved_tensors
+    # ∂log q/∂z = (onehot − softmax)/τ: stage (c)'s (softmax − onehot)/τ with factor −g.
+    scale = torch.where(labels != ctx.ignore_index, -grad_log_q.float(), 0.0)
+    return (*_linear_grads(ctx, hidden, weight, bias, labels, scale, lse), None, None, None)
+
+
+linear_logprobs_forward.register_autograd(_logprobs_backward, setup_context=_logprobs_setup_context)
+
+
+# ---- public functions ------------------------------------------------------------------------------
+
+def _check_head(hidden, weight, bias, names):
+    """Checks of a linear head's inputs; ``names`` = (hidden, weight, bias) argument names.
+    Returns ``(B, T, V)``."""
+    h_name, w_name, b_name = names
+    check.tensor(h_name, hidden, ndim=3, floating=check.LOGIT_DTYPES)
+    B, T, H = hidden.shape
+    if B == 0 or T == 0 or H == 0:
+        raise ValueError(f"{h_name} must be non-empty, got shape {(B, T, H)}")
+    check.tensor(w_name, weight, ndim=2, floating=check.LOGIT_DTYPES)
+    V = weight.shape[0]
+    if weight.shape[1] != H or V == 0:
+        raise ValueError(f"{w_name} must have shape [V > 0, H={H}] (H from {h_name}), "
+                         f"got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{w_name} has dtype {weight.dtype} but {h_name} has {hidden.dtype}; "
+                        f"they must match")
+    if bias is not None:
+        check.tensor(b_name, bias, ndim=1, shape=(V,), floating=check.LOGIT_DTYPES)
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"{b_name} has dtype {bias.dtype} but {w_name} has {weight.dtype}; "
+                            f"they must match")
+    check.same_device(hidden.device, reference=h_name, **{w_name: weight, b_name: bias})
+    return B, T, V
+
+
+def token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
+                   temperature: float = 1.0, ignore_index: int = -100) -> Tensor:
+    """``log softmax((hidden @ weight.T + bias)/τ)[labels]`` per token, without materialising logits.
+
+    Args:
+        hidden: ``[B, T, H]`` fp32/bf16/fp16, any strides.
+        weight: ``[V, H]``, the same dtype and device (an lm_head's weight).
+        labels: ``[B, T]`` integer. Positions equal to ``ignore_index`` give 0 and no gradient (as
+            the ``log_q`` stat of ``askd_loss``); other labels must be in ``[0, V)`` (checked for
+            CPU tensors; on CUDA an out-of-range label gives NaN, as in ``askd_loss``).
+        bias: optional ``[V]``, the same dtype.
+        temperature: τ > 0 applied to the logits.
+
+    Returns fp32 ``[B, T]``, differentiable w.r.t. ``hidden``, ``weight`` and ``bias`` (gradients in
+    their dtype; ``grad_weight``/``grad_bias`` accumulated in fp32). Typical uses: the teacher's
+    ``teacher_logprobs`` for :func:`askd_loss_from_hidden` (under ``torch.no_grad()``), or the
+    policy log-probs of RL objectives. Logits are computed in chunks in the inputs' dtype (see the
+    module docstring); the result matches ``log_softmax`` of the materialised logits in that dtype
+    with everything after the GEMM in fp32.
+    """
+    B, T, V = _check_head(hidden, weight, bias, ("hidden", "weight", "bias"))
+    check.tensor("labels", labels, shape=(B, T), integer=True)
+    check.same_device(hidden.device, reference="hidden", labels=labels)
+    temperature = check.temperature(temperature)
+    check.integer("ignore_index", ignore_index)
+    check.labels_in_vocab(labels, ignore_index, V, vocabulary="the rows of weight")
+    log_q, _lse = linear_logprobs_forward(hidden, weight, bias, labels.contiguous(), temperature,
+                                          ignore_index)
+    return log_q
+
+
+def askd_loss_from_hidden(
+    student_hidden: Tensor,
+    lm_head_weight: Tensor,
+    labels: Tensor,
+    *,
+    lm_head_bias: Optional[Tensor] = None,
+    teacher_logprobs: Tensor,
+    student_generated: Union[Tensor, bool],
+    alpha: Union[Tensor, float],
+    clip: Optional[Tensor] = None,
+    old_logprobs: Optional[Tensor] = None,
+    is_max: Optional[float] = None,
+    estimator: str = "exact",
+    gamma: float = 1.0,
+    length_normalize: bool = False,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items: Optional[Union[int, float, Tensor]] = None,
+    return_stats: bool = False,
+):
+    """``askd_loss`` of the logits ``student_hidden @ lm_head_weight.T + lm_head_bias``, computed
+    chunk by chunk so that tokens × vocabulary logits never exist (peak extra memory O(chunk × V)).
+
+    ``student_hidden [B, T, H]``, ``lm_head_weight [V, H]`` and ``lm_head_bias [V]`` share one
+    floating dtype (fp32/bf16/fp16) and get gradients in it; the teacher comes as
+    ``teacher_logprobs [B, T]`` (e.g. :func:`token_logprobs` of the teacher's head under
+    ``torch.no_grad()``). Every other argument, the value, ``return_stats`` and the REINFORCE-style
+    gradient are those of :func:`askd_kernels.askd_loss` on the materialised logits (which are
+    rounded to the inputs' dtype there too); ``grad_weight``/``grad_bias`` are accumulated in fp32
+    over the chunks and returned in the weight's dtype.
+    """
+    B, T, V = _check_head(student_hidden, lm_head_weight, lm_head_bias,
+                          ("student_hidden", "lm_head_weight", "lm_head_bias"))
+    check.tensor("labels", labels, shape=(B, T), integer=True)
+    check.tensor("teacher_logprobs", teacher_logprobs, shape=(B, T), floating=check.LOGIT_DTYPES)
+    args = check_askd_options(
+        student_hidden.device, labels, V, teachers={"teacher_logprobs": teacher_logprobs},
+        student_generated=student_generated, alpha=alpha, clip=clip, old_logprobs=old_logprobs,
+        is_max=is_max, estimator=estimator, gamma=gamma, length_normalize=length_normalize,
+        temperature=temperature, ignore_index=ignore_index, reduction=reduction, num_items=num_items,
+        reference="student_hidden")
+    outputs = linear_askd_forward(student_hidden, lm_head_weight, lm_head_bias, args.labels,
+                                  detached_fp32(teacher_logprobs), *args.op_args())
+    return finish_askd(outputs, args, return_stats)
