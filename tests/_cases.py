@@ -1,5 +1,5 @@
-"""Hypothesis building blocks shared by the parity tests (``test_divergence_parity.py``; the same
-drawing is written out in ``test_askd_parity.askd_cases``, which can call this instead)."""
+"""Hypothesis building blocks shared by the parity tests (``test_askd_parity.py``,
+``test_divergence_parity.py``)."""
 import torch
 from hypothesis import strategies as st
 

@@ -4,6 +4,7 @@ sizes, V not a multiple of the block, T = 1, B = 1, V_s ≠ V_t both ways) and e
 """
 import pytest
 import torch
+from _cases import logits_and_labels
 from _compare import assert_no_worse
 from _backends import use_triton_on_cpu
 from hypothesis import HealthCheck, given, settings
@@ -12,23 +13,15 @@ from hypothesis import strategies as st
 import askd_kernels as ak
 from reference import askd_loss_ref
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SUPPRESSED = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 
 
 @st.composite
 def askd_cases(draw):
     """One random problem: tensors from a drawn seed plus every keyword option."""
-    B = draw(st.integers(1, 3))
-    T = draw(st.integers(1, 40))
-    V_s = draw(st.integers(2, 70))
-    V_t = draw(st.sampled_from([V_s, max(1, V_s - draw(st.integers(1, 9))), V_s + draw(st.integers(1, 9))]))
-    dtype = draw(st.sampled_from(DTYPES))
-    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-    scale = draw(st.sampled_from([1.0, 3.0]))
-    student = (torch.randn(B, T, V_s, generator=g) * scale).to(dtype)
-    teacher = (torch.randn(B, T, V_t, generator=g) * scale).to(dtype)
-    labels = torch.randint(0, V_s, (B, T), generator=g)
+    g, student, teacher, labels = logits_and_labels(draw, max_T=40)
+    (B, T, V_s), V_t = student.shape, teacher.shape[2]
+    dtype = student.dtype
     labels[torch.rand(B, T, generator=g) < draw(st.sampled_from([0.0, 0.2, 0.6]))] = -100
     if draw(st.booleans()):  # a masked vocabulary entry (−inf) that is not the label
         b, t = int(torch.randint(0, B, (1,), generator=g)), int(torch.randint(0, T, (1,), generator=g))
