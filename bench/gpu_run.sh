@@ -1,22 +1,68 @@
 #!/usr/bin/env bash
-# Everything a lent GPU should do, in one `device` call (see the README's Benchmarks section):
-#   run(command="bash bench/gpu_run.sh", timeout_s=600)
-# The device image has torch and triton but no network, so the package is used from the source tree.
-# Writes the GPU test log and the benchmark records under $OUT (and bench/results/ when run by hand);
-# commit them under bench/results/ afterwards.
+# Everything a lent GPU should do, in one `device` call of at most 10 minutes (see the README's
+# Benchmarks section):
+#   run(command="BENCH_GIT_COMMIT=<git rev-parse --short HEAD, here> bash bench/gpu_run.sh", timeout_s=600)
+# (the commit written in literally: the device may get a copy of the working tree without .git). Add
+# carry=[".whl"] to bring wheels that the device image lacks, e.g. liger-kernel for the "liger"
+# provider: they are installed into /tmp/site first.
+#
+# 1. the real-GPU tests (tests/test_gpu.py);
+# 2. the core issue's case (python -m bench --case askd-core) and its targets;
+# 3. the GPU grid (python -m bench --grid gpu) with the time that is left as its budget: cells that
+#    would start past it are recorded as "skipped" (the largest shapes go first);
+# 4. plots and summary.md of the grid's results folder.
+# With $OUT set (the device tool), the logs go there and bench/results/gpu/ comes back as one
+# tarball, bench-results-gpu.tar.gz: unpack it with `tar xzf .../bench-results-gpu.tar.gz -C bench/results`
+# and commit bench/results/gpu/. Run by hand on a GPU machine, everything stays under bench/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out="${OUT:-bench/results}"
-mkdir -p "$out"
+start=$SECONDS
+limit="${BENCH_GPU_LIMIT_S:-585}"  # the device call's 600 s, less a margin for sending $OUT back
+# (BENCH_GPU_GRID=tiny runs the script through on a CPU machine, to check it)
+logs="${OUT:-bench/results/gpu/logs}"
+mkdir -p "$logs"
 stamp="$(date -u +%Y%m%dT%H%M%SZ)"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-python3 - <<'PY' | tee "$out/env-$stamp.txt"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+left() { echo $(( limit - (SECONDS - start) )); }
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+{
+  python3 - <<'PY'
 import torch, triton, platform
 print("device:", torch.cuda.get_device_name(0), "| torch", torch.__version__, "| triton", triton.__version__,
       "| cuda", torch.version.cuda, "| python", platform.python_version())
+try:
+    import liger_kernel  # noqa: F401
+    from importlib.metadata import version
+    print("liger-kernel", version("liger-kernel"))
+except Exception as error:  # noqa: BLE001
+    print("liger-kernel: not available:", error)
 PY
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee -a "$out/env-$stamp.txt"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+} 2>&1 | tee "$logs/env-$stamp.txt"
+
 # 1. the real-GPU tests, then the rest of the suite (CPU tensors take the torch path here)
-python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tee "$out/gpu-tests-$stamp.txt"
+timeout 240 python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tee "$logs/gpu-tests-$stamp.txt"
 # 2. the core benchmark case (B=8, T=2048, V=151936, bf16) against eager and torch.compile
-python3 -m bench --out "$out/askd-core-$stamp.jsonl" 2>&1 | tee "$out/bench-askd-core-$stamp.txt"
+timeout 150 python3 -m bench --case askd-core --out "$logs/askd-core-$stamp.jsonl" 2>&1 \
+  | tee "$logs/bench-askd-core-$stamp.txt"
+# 3. the grid: measuring stops starting new cells at its budget; 45 s are kept for one cell's
+#    overrun, the plots and the tarball; `timeout` is the backstop (results are appended per cell)
+budget=$(( $(left) - 75 ))
+if (( budget > 30 )); then
+  timeout $(( budget + 45 )) python3 -m bench --grid "${BENCH_GPU_GRID:-gpu}" --budget-s "$budget" --no-progress --no-plot 2>&1 \
+    | tee "$logs/bench-grid-$stamp.txt"
+else
+  echo "no time left for the grid ($(left) s)" | tee "$logs/bench-grid-$stamp.txt"
+fi
+# 4. plots + summary.md of every GPU results folder (the latest run of each)
+for dir in bench/results/gpu/*/; do
+  [[ -f "$dir/results.csv" ]] && timeout 60 python3 -m bench.plot "$dir" 2>&1 | tee -a "$logs/bench-grid-$stamp.txt"
+done
+if [[ -n "${OUT:-}" ]] && compgen -G "bench/results/gpu/*/results.csv" >/dev/null; then
+  tar czf "$OUT/bench-results-gpu.tar.gz" -C bench/results --exclude=logs gpu
+fi
+echo "gpu_run.sh: $(( SECONDS - start )) s"

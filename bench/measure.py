@@ -1,4 +1,15 @@
-"""Timing, copy bandwidth and peak-memory measurement, on CUDA and on CPU."""
+"""Timing, copy bandwidth and peak-memory measurement, on CUDA and on CPU.
+
+* ``time_ms`` — p20/p50/p80 of one callable: ``triton.testing.do_bench`` on CUDA (L2 flushed between
+  runs), wall clock after a warm-up on CPU.
+* ``time_modes`` — forward, backward and forward+backward of a loss. CUDA: forward and full through
+  ``do_bench``; backward in a loop of its own (each rep runs an untimed forward, flushes L2 the way
+  ``do_bench`` does, and times ``loss.backward()`` between CUDA events), since ``do_bench`` cannot
+  run an untimed set-up per rep and ``retain_graph=True`` is refused by ``torch.compile``'s donated
+  buffers. CPU: one loop timing the forward and the backward of each rep by wall clock (full = their
+  sum), the cheapest honest measurement on a small shared CPU.
+* ``peak_memory_modes`` — peak extra memory of the forward, of the backward and of both.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -18,8 +29,11 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def free_memory(device: torch.device) -> None:
-    gc.collect()
+def free_memory(device: torch.device, collect: bool = True) -> None:
+    """Return freed CUDA blocks to the device; ``collect`` first runs the garbage collector (0.2-0.3 s
+    with torch imported: after failures, whose tracebacks hold tensors in reference cycles)."""
+    if collect:
+        gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -80,6 +94,102 @@ def time_ms(
     return _quantiles(samples, QUANTILES)
 
 
+MODES = ("forward", "backward", "full")
+
+
+def _clear_grads(leaves: Sequence[torch.Tensor]) -> None:
+    for t in leaves:
+        t.grad = None
+
+
+def _cuda_backward_ms(forward: Callable[[], torch.Tensor], device: torch.device,
+                      leaves: Sequence[torch.Tensor], rep_ms: float, min_reps: int,
+                      max_reps: int, full_ms: float | None) -> list[float]:
+    """Backward only, on CUDA: per rep an untimed forward, an L2 flush, then events around backward."""
+    cache = torch.empty(256 << 20, dtype=torch.int8, device=device)  # as do_bench: 256 MB > L2
+    estimate = full_ms if full_ms and full_ms > 0 else 1.0
+    reps = int(min(max_reps, max(min_reps, rep_ms / estimate)))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        _clear_grads(leaves)
+        loss = forward()
+        cache.zero_()
+        starts[i].record()
+        loss.backward()
+        ends[i].record()
+        del loss
+    torch.cuda.synchronize(device)
+    _clear_grads(leaves)
+    return _quantiles([s.elapsed_time(e) for s, e in zip(starts, ends)], QUANTILES)
+
+
+def time_modes(
+    forward: Callable[[], torch.Tensor],
+    device: torch.device,
+    *,
+    leaves: Sequence[torch.Tensor],
+    modes: Sequence[str] = MODES,
+    rep_ms: float = 100.0,
+    min_reps: int = 3,
+    max_reps: int = 1000,
+) -> tuple[dict[str, list[float]], int | None]:
+    """({mode: [p20, p50, p80] ms}, reps) of ``forward()`` (a scalar loss), its backward and both;
+    reps is None on CUDA, where ``do_bench`` chooses them.
+
+    ``leaves`` are the inputs whose ``.grad`` is reset before every rep (each backward allocates its
+    gradient afresh, as the first one of a training step does). The caller has already run one
+    forward+backward (the warm-up, and any compilation).
+    """
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise ValueError(f"modes: unknown {unknown}; known: {MODES}")
+    out: dict[str, list[float]] = {}
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        def full() -> None:
+            forward().backward()
+
+        # One timed step, so that a slow step still gets >= 5 timed reps (do_bench would give it 1).
+        _clear_grads(leaves)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        full()
+        end.record()
+        torch.cuda.synchronize(device)
+        rep_ms = max(rep_ms, 5 * start.elapsed_time(end))
+        bench = dict(warmup=max(10, int(rep_ms / 4)), rep=int(rep_ms), grad_to_none=list(leaves),
+                     quantiles=list(QUANTILES))
+        if "forward" in modes:
+            out["forward"] = list(do_bench(forward, **bench))
+        if "full" in modes or "backward" in modes:
+            full_q = list(do_bench(full, **bench))
+            if "full" in modes:
+                out["full"] = full_q
+            if "backward" in modes:
+                out["backward"] = _cuda_backward_ms(forward, device, leaves, rep_ms, max(min_reps, 5), max_reps,
+                                                    full_q[1])
+        _clear_grads(leaves)
+        return out, None  # do_bench chooses its repetitions
+
+    samples: dict[str, list[float]] = {m: [] for m in MODES}
+    while len(samples["full"]) < max_reps and (len(samples["full"]) < min_reps
+                                               or sum(samples["full"]) < rep_ms):
+        _clear_grads(leaves)
+        start = time.perf_counter()
+        loss = forward()
+        middle = time.perf_counter()
+        loss.backward()
+        end = time.perf_counter()
+        del loss
+        samples["forward"].append((middle - start) * 1e3)
+        samples["backward"].append((end - middle) * 1e3)
+        samples["full"].append((end - start) * 1e3)
+    _clear_grads(leaves)
+    return {m: _quantiles(samples[m], QUANTILES) for m in modes}, len(samples["full"])
+
+
 def copy_bandwidth_gbps(device: torch.device, nbytes: int, rep_ms: float = 500.0) -> float:
     """Device-to-device copy bandwidth, GB/s (1e9), counting bytes read + bytes written."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
@@ -87,7 +197,7 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int, rep_ms: float = 500.0
     p50 = time_ms(lambda: dst.copy_(src), device, rep_ms=rep_ms)[1]
     moved = 2 * src.numel() * src.element_size()
     del src, dst
-    free_memory(device)
+    free_memory(device, collect=False)
     return moved / (p50 * 1e-3) / 1e9
 
 
@@ -144,30 +254,41 @@ def cpu_allocations(fn: Callable[[], object]):
     return result, peak, running
 
 
-def peak_memory(
-    forward: Callable[[], torch.Tensor], device: torch.device
-) -> tuple[int | None, int | None]:
-    """(forward peak, forward+backward peak), bytes above what was allocated before the call.
+def peak_memory_modes(forward: Callable[[], torch.Tensor], device: torch.device) -> dict[str, int | None]:
+    """Peak extra bytes of one step: ``{"forward", "backward", "full"}``.
 
-    Inputs are allocated before and so not counted; the gradient written by backward is counted
-    (it is memory the step needs). CUDA: the caching allocator's peak statistics. CPU: the
-    profiler's allocation events (see ``cpu_allocations``), or None when they are unavailable.
+    forward: the peak above what was allocated before the call (inputs are not counted; what the
+    forward saves for backward is). backward: the peak during ``loss.backward()`` above what was
+    allocated when it started (the gradient it writes is counted). full: the peak of the whole step
+    above the start, ``max(forward, held after forward + backward)``. CUDA: the caching allocator's
+    peak statistics. CPU: the profiler's allocation events (see ``cpu_allocations``); None where
+    they are unavailable.
     """
     if device.type == "cuda":
-        free_memory(device)
+        free_memory(device, collect=False)
         synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         loss = forward()
         synchronize(device)
         fwd_peak = torch.cuda.max_memory_allocated(device) - base
+        before_bwd = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
         loss.backward()
         synchronize(device)
-        total_peak = torch.cuda.max_memory_allocated(device) - base
-        return fwd_peak, total_peak
+        bwd_peak = torch.cuda.max_memory_allocated(device) - before_bwd
+        return {"forward": fwd_peak, "backward": bwd_peak,
+                "full": max(fwd_peak, before_bwd - base + bwd_peak)}
 
     loss, fwd_peak, fwd_held = cpu_allocations(forward)
     _, bwd_peak, _ = cpu_allocations(loss.backward)
-    if fwd_peak is None or bwd_peak is None:
-        return fwd_peak, None
-    return fwd_peak, max(fwd_peak, fwd_held + bwd_peak)
+    full = None if fwd_peak is None or bwd_peak is None else max(fwd_peak, fwd_held + bwd_peak)
+    return {"forward": fwd_peak, "backward": bwd_peak, "full": full}
+
+
+def peak_memory(
+    forward: Callable[[], torch.Tensor], device: torch.device
+) -> tuple[int | None, int | None]:
+    """(forward peak, forward+backward peak), bytes; see ``peak_memory_modes``."""
+    peaks = peak_memory_modes(forward, device)
+    return peaks["forward"], peaks["full"]

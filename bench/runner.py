@@ -1,16 +1,14 @@
-"""The benchmark: one case, several providers, one table (and optionally one record per provider).
+"""The command line, and the single-case benchmark (``python -m bench --case askd-core``).
 
-``run(...)`` does the work and returns the records; ``main(argv)`` is the command line over it
-(``python -m bench``).
+``main(argv)`` is ``python -m bench``: without ``--case`` it runs the grid of ``bench/grid.py`` (the
+default job), with ``--case`` one case, several providers, one table with the issue's targets and
+optionally one record per provider (``run(...)`` does that work and returns the records).
 """
 from __future__ import annotations
 
 import csv
-import datetime
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from . import results as results_io
 from .baselines import askd_loss_torch
 from .measure import copy_bandwidth_gbps, free_memory, is_oom, peak_memory, synchronize, time_ms
 
@@ -190,45 +189,10 @@ def _measure(name: str, x: Inputs, device: torch.device, rep_ms: float) -> tuple
 # environment
 
 
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
 def _environment(device: torch.device) -> dict:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {
-        "device": device.type,
-        "device_name": _device_name(device),
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "git_commit": _git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    env = results_io.environment(device)
+    env.pop("cuda", None)
+    return env
 
 
 # ----------------------------------------------------------------------------------------------
@@ -419,37 +383,129 @@ def write_records(path: str | os.PathLike, records: list[dict]) -> None:
                 f.write(json.dumps({k: r.get(k) for k in FIELDS}) + "\n")
 
 
-def main(argv: list[str] | None = None) -> int:
+# ----------------------------------------------------------------------------------------------
+# the command line
+
+
+def _words(text: str | None) -> list[str] | None:
+    return [w.strip() for w in text.split(",") if w.strip()] if text else None
+
+
+def _ints(text: str | None, name: str) -> list[int] | None:
+    words = _words(text)
+    if words is None:
+        return None
+    try:
+        return [int(w) for w in words]
+    except ValueError:
+        raise ValueError(f"{name}: {text!r} is not a comma list of integers") from None
+
+
+def _one(values: list | None, name: str):
+    if values is None:
+        return None
+    if len(values) != 1:
+        raise ValueError(f"{name}: --case takes one value, got {values}")
+    return values[0]
+
+
+def _parser():
     import argparse
+
+    from .grid import GRIDS
+    from .measure import MODES
+    from .ops import ALIASES, MODELS, OPS, PROVIDERS as GRID_PROVIDERS
 
     parser = argparse.ArgumentParser(
         prog="python -m bench",
-        description="Benchmark fwd+bwd of askd_kernels.askd_loss against eager PyTorch and torch.compile. "
-                    "On CUDA the default is the issue's case (B=8 T=2048 V=151936 bf16); on CPU a small "
-                    "embedded case.")
-    parser.add_argument("--case", default="askd-core", choices=sorted(CASES))
-    parser.add_argument("--tokens", type=int, help="total tokens N = batch * seq (default: the case's)")
-    parser.add_argument("--batch", type=int, help="sequences per batch (default: the case's)")
-    parser.add_argument("--vocab", type=int, help="vocabulary size V (default: the case's)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="logits dtype (default: the case's)")
+        description="Benchmark askd_kernels against straightforward PyTorch (eager and torch.compile) and "
+                    "Liger-Kernel. Without --case: the grid (ops x providers x modes x shapes x dtypes; "
+                    "'gpu' on CUDA, 'cpu' otherwise), appended to bench/results/<cpu|gpu>/<device>/results.csv "
+                    "with plots and summary.md. With --case askd-core: the core issue's single case and its "
+                    "targets (B=8 T=2048 V=151936 bf16 on CUDA, a small embedded case on CPU).",
+        epilog="Plots and summary of existing results: python -m bench.plot [FOLDER].")
+    parser.add_argument("--case", choices=sorted(CASES), help="run one case instead of the grid")
+    parser.add_argument("--grid", default="auto", choices=["auto", *GRIDS],
+                        help="grid (default auto: gpu on CUDA, cpu otherwise)")
+    parser.add_argument("--ops", help="comma list of op ids " + ",".join(OPS) + " or aliases "
+                        + ",".join(ALIASES) + " (default: every op askd_kernels has)")
+    parser.add_argument("--providers", help="comma list of " + ",".join(GRID_PROVIDERS)
+                        + " (default: the grid's; with --case: " + ",".join(PROVIDER_NAMES) + ")")
+    parser.add_argument("--modes", help="comma list of " + ",".join(MODES) + " (default: all)")
+    parser.add_argument("--models", help="comma list of " + ",".join(MODELS) + " (with --tokens: their cross product)")
+    parser.add_argument("--tokens", help="comma list of token counts N = batch * seq (--case: one)")
+    parser.add_argument("--vocab", help="comma list of custom vocabulary sizes (--case: one)")
+    parser.add_argument("--dtype", help="comma list of bf16,fp16,fp32 (default: the grid's; --case: one)")
+    parser.add_argument("--batch", type=int, help="sequences per batch (default: the grid's or case's)")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
-    parser.add_argument("--providers", default=",".join(PROVIDER_NAMES),
-                        help="comma list of " + ",".join(PROVIDER_NAMES))
-    parser.add_argument("--out", help="append one record per provider: CSV if it ends in .csv, else JSON lines")
-    parser.add_argument("--rep-ms", type=float, help="time budget of each timing (default 1000 on CUDA, 500 on CPU)")
+    parser.add_argument("--rep-ms", type=float, help="time budget of each timing (default: the grid's; --case "
+                        "1000 on CUDA, 500 on CPU)")
+    parser.add_argument("--budget-s", type=float, help="bound on the grid's measuring time; later cells are "
+                        "recorded as skipped (default: the grid's, 150 s on CPU, none on GPU; 0 = none)")
     parser.add_argument("--ignore-frac", type=float, default=0.0,
                         help="leading fraction of each sequence masked with ignore_index (default 0)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    parser.add_argument("--threads", type=int, help="grid on CPU: torch threads (default: the grid's; 1 for 'cpu')")
+    parser.add_argument("--results-dir", help="folder of results.csv, plots and summary.md "
+                        "(default bench/results/<cpu|gpu>/<device>)")
+    parser.add_argument("--no-save", action="store_true", help="grid: do not write the results folder")
+    parser.add_argument("--no-plot", action="store_true", help="grid: write summary.md but no PNG")
+    parser.add_argument("--no-progress", action="store_true", help="grid: no progress bar")
+    parser.add_argument("--list", action="store_true", help="grid: print the cells and exit")
+    parser.add_argument("--out", help="also append the records to this file: CSV if it ends in .csv, else JSON lines")
+    return parser
 
-    providers = [p.strip() for p in args.providers.split(",") if p.strip()]
-    try:
-        records = run(case=args.case, device=args.device, batch=args.batch, tokens=args.tokens,
-                      vocab=args.vocab, dtype=args.dtype, providers=providers, rep_ms=args.rep_ms,
-                      ignore_frac=args.ignore_frac, seed=args.seed)
-    except ValueError as error:
-        parser.error(str(error))
+
+def _main_case(args) -> int:
+    providers = _words(args.providers) or list(PROVIDER_NAMES)
+    records = run(case=args.case, device=args.device, batch=args.batch, tokens=_one(_ints(args.tokens, "tokens"), "tokens"),
+                  vocab=_one(_ints(args.vocab, "vocab"), "vocab"), dtype=_one(_words(args.dtype), "dtype"),
+                  providers=providers, rep_ms=args.rep_ms, ignore_frac=args.ignore_frac, seed=args.seed)
     if args.out:
         write_records(args.out, records)
         print(f"appended {len(records)} records to {args.out}", file=sys.stderr)
     return 0
+
+
+def _main_grid(args) -> int:
+    from . import grid as grid_mod
+    from . import plot
+
+    plan = grid_mod.plan_grid(args.grid, device=args.device, ops=_words(args.ops), providers=_words(args.providers),
+                              modes=_words(args.modes), dtypes=_words(args.dtype), batch=args.batch,
+                              models=_words(args.models), tokens=_ints(args.tokens, "tokens"),
+                              vocabs=_ints(args.vocab, "vocab"))
+    if args.list:
+        print(plan.describe())
+        return 0
+    out_dir = None
+    if not args.no_save:
+        out_dir = Path(args.results_dir) if args.results_dir else results_io.results_dir(plan.device)
+    records = grid_mod.run_grid(plan, rep_ms=args.rep_ms, budget_s=args.budget_s, seed=args.seed,
+                                ignore_frac=args.ignore_frac, out_dir=out_dir, extra_out=args.out,
+                                progress=not args.no_progress, threads=args.threads)
+    print()
+    for (label, dtype), rs in plot._groups(records).items():
+        table, notes = plot.table_markdown(rs, "full" if "full" in plan.modes else plan.modes[0])
+        print(f"{label} ({dtype}), {'full step' if 'full' in plan.modes else plan.modes[0]}:")
+        print(table)
+        for note in notes:
+            print(f"  * {note}")
+        print()
+    if out_dir is not None:
+        written = plot.render(out_dir, run=records[0]["run_id"], plots=not args.no_plot) if records else []
+        print(f"results appended to {out_dir / results_io.RESULTS_FILE}; wrote "
+              + ", ".join(p.name for p in written) + f" in {out_dir}")
+    if args.out:
+        print(f"appended {len(records)} records to {args.out}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return _main_case(args) if args.case else _main_grid(args)
+    except ValueError as error:
+        parser.error(str(error))
+    return 2
