@@ -22,7 +22,8 @@ from typing import Callable, Iterable
 import torch
 
 from . import results as results_io
-from .measure import MODES, copy_bandwidth_gbps, free_memory, is_oom, peak_memory_modes, synchronize, time_modes
+from .measure import (MODES, copy_bandwidth_gbps, free_memory, is_oom, peak_memory_modes, resolve_device, synchronize,
+                      time_modes)
 from .ops import DTYPES, MODELS, OPS, PROVIDERS, Op, Shape, Unavailable, resolve_ops
 
 GRAD_SAMPLE_ROWS = 64  # rows of the first leaf's gradient kept to compare providers with eager
@@ -253,14 +254,6 @@ def derive(group: list[dict], samples: dict, copy_gbps: float | None) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # the run
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: --device cuda but torch.cuda.is_available() is False")
-    return torch.device(device)
 
 
 @dataclass

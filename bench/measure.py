@@ -24,6 +24,15 @@ import torch
 QUANTILES = (0.2, 0.5, 0.8)
 
 
+def resolve_device(device: str) -> torch.device:
+    """``auto`` → CUDA when there is one, else CPU; asking for CUDA without one is an error."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: --device cuda but torch.cuda.is_available() is False")
+    return torch.device(device)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -19,7 +19,7 @@ import torch
 
 from . import results as results_io
 from .baselines import askd_loss_torch
-from .measure import copy_bandwidth_gbps, free_memory, is_oom, peak_memory, synchronize, time_ms
+from .measure import copy_bandwidth_gbps, free_memory, is_oom, peak_memory, resolve_device, synchronize, time_ms
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -197,14 +197,6 @@ def _environment(device: torch.device) -> dict:
 
 # ----------------------------------------------------------------------------------------------
 # the run
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: --device cuda but torch.cuda.is_available() is False")
-    return torch.device(device)
 
 
 def run(*, case: str = "askd-core", device: str = "auto", batch: int | None = None,
