@@ -17,7 +17,9 @@ setup(
     # torch is deliberately unpinned: CI installs the CPU wheel first so pip never pulls a CUDA build.
     install_requires=["torch>=2.4", "triton>=3.2"],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100", "pytest-benchmark>=4", "numpy", "matplotlib"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "pytest-benchmark>=4", "numpy", "matplotlib", "transformers>=4.46",
+                 "accelerate"],
         "bench": ["pytest-benchmark>=4", "tqdm", "matplotlib"],
+        "examples": ["transformers>=4.46", "matplotlib", "tqdm"],
     },
 )
