@@ -9,6 +9,7 @@ import torch
 
 from .torch_impl import _row_chunks, _scaled_fp32
 
+
 def _log_mixture(la, x, lb, y):
     """log(e^{la + x} + e^{lb + y}); torch.logaddexp is exact when one side is −inf."""
     return torch.logaddexp(la + x, lb + y)

@@ -19,3 +19,7 @@ def use_triton_on_cpu(monkeypatch):
     monkeypatch.setenv("ASKD_KERNELS_BACKEND", "triton")
     monkeypatch.setattr(row_stats, "MAX_BLOCK", 32)
     monkeypatch.setattr(coefficients, "BLOCK_T", 16)
+
+
+class KernelRan(AssertionError):
+    """Raised by the ``no_kernels`` fixture's sentinel when a stage runs on input it should reject."""

@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from _backends import use_triton_on_cpu  # noqa: E402
+from _backends import KernelRan, use_triton_on_cpu  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True)
@@ -32,3 +32,18 @@ def backend(request, monkeypatch):
         return request.param
     monkeypatch.setattr(torch_impl, "CHUNK_ELEMENTS", 64)
     return request.param
+
+
+@pytest.fixture
+def no_kernels(backend, monkeypatch):
+    """Both backends' stages raise ``KernelRan`` if called (the backend fixture is still applied):
+    for tests that bad input is rejected before any kernel runs."""
+    from askd_kernels import ops, torch_impl
+
+    def sentinel(*args, **kwargs):
+        raise KernelRan("a kernel stage ran on invalid input")
+
+    for stage in ("row_stats", "coefficients", "student_gradient"):
+        monkeypatch.setattr(torch_impl, stage, sentinel)
+        monkeypatch.setattr(ops._TritonStages, stage, staticmethod(sentinel))
+    return backend

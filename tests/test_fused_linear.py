@@ -30,7 +30,7 @@ from _backends import use_triton_on_cpu
 from _compare import assert_no_worse
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_inputs import KernelRan, no_kernels  # noqa: F401  (no_kernels is a fixture)
+from _backends import KernelRan
 
 import askd_kernels as ak
 from askd_kernels import fused_linear, torch_impl
@@ -351,7 +351,7 @@ def test_peak_memory_is_one_chunk_not_tokens_by_vocab(monkeypatch, dtype):
 
 # ---- bad inputs ------------------------------------------------------------------------------------
 
-# ``no_kernels`` (the fixture of test_inputs.py, imported above) replaces every stage of both backends
+# ``no_kernels`` (the fixture of conftest.py) replaces every stage of both backends
 # by a sentinel that raises ``KernelRan``: a check that runs too late, or not at all, is caught.
 
 B, T = 2, 3

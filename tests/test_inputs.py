@@ -2,7 +2,7 @@
 before any kernel runs (``_checks.py``; SPEC §7).
 
 Every stage implementation of both backends (row stats, coefficients, gradient) is replaced by a
-sentinel that fails the test if it is ever called, so a check that runs too late — or not at all,
+sentinel (the ``no_kernels`` fixture of conftest.py) that fails the test if it is ever called, so a check that runs too late — or not at all,
 letting a kernel see the bad input — is caught. ``test_sentinel_trips_on_valid_input`` shows the
 sentinel is live.
 """
@@ -12,26 +12,10 @@ import pytest
 import torch
 
 import askd_kernels as ak
-from askd_kernels import ops, torch_impl
+from _backends import KernelRan
 
 B, T, V = 2, 3, 7
 DROP = object()  # an override value that removes the keyword
-
-
-class KernelRan(AssertionError):
-    pass
-
-
-@pytest.fixture
-def no_kernels(backend, monkeypatch):
-    """Both backends' stages raise ``KernelRan`` if called (the backend fixture is still applied)."""
-    def sentinel(*args, **kwargs):
-        raise KernelRan("a kernel stage ran on invalid input")
-
-    for stage in ("row_stats", "coefficients", "student_gradient"):
-        monkeypatch.setattr(torch_impl, stage, sentinel)
-        monkeypatch.setattr(ops._TritonStages, stage, staticmethod(sentinel))
-    return backend
 
 
 def _base():
