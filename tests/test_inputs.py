@@ -2,9 +2,9 @@
 before any kernel runs (``_checks.py``; SPEC §7).
 
 Every stage implementation of both backends (row stats, coefficients, gradient) is replaced by a
-sentinel (the ``no_kernels`` fixture of conftest.py) that fails the test if it is ever called, so a check that runs too late — or not at all,
-letting a kernel see the bad input — is caught. ``test_sentinel_trips_on_valid_input`` shows the
-sentinel is live.
+sentinel (the ``no_kernels`` fixture of conftest.py) that fails the test if it is ever called, so a
+check that runs too late — or not at all, letting a kernel see the bad input — is caught.
+``test_sentinel_trips_on_valid_input`` shows the sentinel is live.
 """
 import re
 
