@@ -1,24 +1,24 @@
-"""askd-kernels: fused Triton kernels for the ASKD distillation loss (see ``SPEC.md``).
+"""askd-kernels: fused Triton kernels for the ASKD distillation loss and the divergences it is
+compared with. The mathematics and the public contract are in ``docs/contract.md``.
 
-Pipeline of the sampled-token op, one file per stage:
+Every op family has the same shape — ``api.py`` (the public function), ``ops.py`` (its
+``torch.library`` custom ops with fakes and autograd), Triton kernels, ``cpu.py`` (the chunked
+PyTorch path) — and :mod:`askd_kernels.backend` picks the implementation per call.
 
-* :mod:`askd_kernels.row_stats`    — (a) one pass over each vocabulary row: log q_t, ℓ_t, logsumexp
-* :mod:`askd_kernels.coefficients` — (b) per-sequence suffix scans: u, ρ, G, P → λ_t and D_b
-* :mod:`askd_kernels.gradient`     — (c) backward: g·κ·w·λ·(softmax − onehot)/τ
-* :mod:`askd_kernels.ops`          — the autograd-aware ``torch.library`` custom ops over (a)–(c)
-* :mod:`askd_kernels.torch_impl`   — the chunked PyTorch path used on CPU
-* :mod:`askd_kernels.fused_linear` — the same op from hidden states and the lm_head weight, in chunks
-  of rows (no tokens × vocab logits), plus ``token_logprobs``
-
-The full-vocabulary divergence family (fkl, rkl, skl, srkl, jsd, tvd; SPEC §6):
-
-* :mod:`askd_kernels.divergences`       — Triton kernels: two LSEs + value/Σa, then the gradient
-* :mod:`askd_kernels.divergences_torch` — the chunked PyTorch path used on CPU
-* :mod:`askd_kernels.divergence`        — ``divergence_loss`` and its ``torch.library`` custom ops
+* :mod:`askd_kernels.askd` — the sampled-token ASKD loss, a three-stage pipeline:
+  ``triton_row_stats`` (a: one pass over each vocabulary row: log q_t, ℓ_t, logsumexp) →
+  ``triton_coefficients`` (b: per-sequence suffix scans: u, ρ, G, P → λ_t and D_b) →
+  ``triton_gradient`` (c: backward, g·κ·w·λ·(softmax − onehot)/τ); ``fused_linear`` runs the same
+  stages from hidden states and the lm_head weight in chunks of rows (``askd_loss_from_hidden``,
+  ``token_logprobs``).
+* :mod:`askd_kernels.divergence` — the full-vocabulary family (fkl, rkl, skl, srkl, jsd, tvd).
+* :mod:`askd_kernels.skew` — skewness α from rewards.
+* :mod:`askd_kernels._triton_math` / :mod:`askd_kernels._torch_math` — the shared building blocks
+  (online log-sum-exp, log-mixture, divergence terms), once per backend.
+* :mod:`askd_kernels.integrations.hf` — Algorithm 1 with ``transformers`` models (optional).
 """
-from .askd import ASKDLoss, askd_loss
+from .askd import ASKDLoss, askd_loss, askd_loss_from_hidden, token_logprobs
 from .divergence import divergence_loss
-from .fused_linear import askd_loss_from_hidden, token_logprobs
 from .skew import skew_from_rewards
 
 __all__ = ["askd_loss", "ASKDLoss", "skew_from_rewards", "divergence_loss", "askd_loss_from_hidden",

@@ -41,6 +41,24 @@ def tensor(name, value, *, ndim=None, shape=None, floating=None, integer=False, 
     return value
 
 
+def sequence_tensor(name, value):
+    """A non-empty ``[B, T, X]`` floating tensor (logits or hidden states); returns ``(B, T, X)``."""
+    tensor(name, value, ndim=3, floating=LOGIT_DTYPES)
+    B, T, X = value.shape
+    if B == 0 or T == 0 or X == 0:
+        raise ValueError(f"{name} must be non-empty, got shape {(B, T, X)}")
+    return B, T, X
+
+
+def teacher_logits(value, batch, steps):
+    """``teacher_logits``: a ``[B, T, V_t > 0]`` floating tensor matching the student's B and T."""
+    tensor("teacher_logits", value, ndim=3, floating=LOGIT_DTYPES)
+    if value.shape[:2] != (batch, steps) or value.shape[2] == 0:
+        raise ValueError(f"teacher_logits must have shape [B={batch}, T={steps}, V_t > 0], "
+                         f"got {tuple(value.shape)}")
+    return value
+
+
 def same_device(device, *, reference="student_logits", **tensors):
     """Every non-None tensor is on ``device``, the device of the argument named ``reference``."""
     for name, value in tensors.items():

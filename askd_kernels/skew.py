@@ -1,4 +1,4 @@
-"""Skewness from rewards — SPEC §5 (the paper's Eq. 12): ``α = Φ(β · r̂)``."""
+"""Skewness from rewards (``docs/contract.md`` §5, the paper's Eq. 12): ``α = Φ(β · r̂)``."""
 from typing import Optional
 
 import torch

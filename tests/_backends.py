@@ -14,11 +14,12 @@ def use_triton_on_cpu(monkeypatch):
     test shapes still run the multi-block loops and the multi-chunk scans with their carries."""
     if not INTERPRETED:
         pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (tests/test_gpu.py runs the kernels)")
-    from askd_kernels import coefficients, row_stats
+    from askd_kernels import _triton_math
+    from askd_kernels.askd import triton_coefficients
 
     monkeypatch.setenv("ASKD_KERNELS_BACKEND", "triton")
-    monkeypatch.setattr(row_stats, "MAX_BLOCK", 32)
-    monkeypatch.setattr(coefficients, "BLOCK_T", 16)
+    monkeypatch.setattr(_triton_math, "MAX_BLOCK", 32)
+    monkeypatch.setattr(triton_coefficients, "BLOCK_T", 16)
 
 
 class KernelRan(AssertionError):

@@ -23,7 +23,11 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from askd_kernels import coefficients, divergences, gradient, row_stats  # noqa: E402
+from askd_kernels import _triton_math  # noqa: E402
+from askd_kernels.askd import triton_coefficients as coefficients  # noqa: E402
+from askd_kernels.askd import triton_gradient as gradient  # noqa: E402
+from askd_kernels.askd import triton_row_stats as row_stats  # noqa: E402
+from askd_kernels.divergence import triton as divergences  # noqa: E402
 
 TARGETS = (80, 90)
 LOGIT_TYPES = ("*bf16", "*fp16", "*fp32")
@@ -32,8 +36,8 @@ LOGIT_TYPES = ("*bf16", "*fp16", "*fp32")
 def _row_stats_specs():
     # (teacher logits?, logits dtype, block, stride type): i64 strides are what the launcher passes
     # once a tensor spans more than 2^31 elements.
-    variants = [(t, d, b, "i32") for t in (True, False) for d in LOGIT_TYPES for b in (16, row_stats.MAX_BLOCK)]
-    variants.append((True, "*bf16", row_stats.MAX_BLOCK, "i64"))
+    variants = [(t, d, b, "i32") for t in (True, False) for d in LOGIT_TYPES for b in (16, _triton_math.MAX_BLOCK)]
+    variants.append((True, "*bf16", _triton_math.MAX_BLOCK, "i64"))
     for teacher, dtype, block, stride in variants:
         sig = {
             "S": dtype, "stride_sb": stride, "stride_st": stride, "stride_sv": "constexpr", "V_s": "i32",
@@ -44,7 +48,7 @@ def _row_stats_specs():
         }
         const = {"stride_sv": 1, "stride_wv": 1, "TEACHER_LOGITS": teacher, "BLOCK": block}
         yield f"row_stats[{dtype[1:]},teacher={teacher},BLOCK={block},strides={stride}]", \
-            row_stats._row_stats_kernel, sig, const, row_stats.NUM_WARPS
+            row_stats._row_stats_kernel, sig, const, _triton_math.NUM_WARPS
 
 
 def _coefficients_specs():
@@ -61,21 +65,21 @@ def _coefficients_specs():
 
 def _gradient_specs():
     for dtype in LOGIT_TYPES:
-        for block in (16, row_stats.MAX_BLOCK):
+        for block in (16, _triton_math.MAX_BLOCK):
             sig = {
                 "S": dtype, "stride_sb": "i32", "stride_st": "i32", "stride_sv": "constexpr", "V_s": "i32",
                 "LABELS": "*i64", "COEF": "*fp32", "LSE": "*fp32", "G_SEQ": "*fp32", "GRAD": dtype,
                 "T": "i32", "inv_tau": "fp32", "BLOCK": "constexpr",
             }
             yield f"gradient[{dtype[1:]},BLOCK={block}]", gradient._gradient_kernel, sig, \
-                {"stride_sv": 1, "BLOCK": block}, row_stats.NUM_WARPS
+                {"stride_sv": 1, "BLOCK": block}, _triton_math.NUM_WARPS
 
 
 def _divergence_specs():
     # Every KIND × logits dtype × smallest/largest block, for the forward and the backward kernel, plus
     # the i64-stride variant of the heaviest kind (srkl) that tensors beyond 2^31 elements get.
-    variants = [(k, d, b, "i32") for k in divergences.KINDS for d in LOGIT_TYPES for b in (16, row_stats.MAX_BLOCK)]
-    variants.append(("srkl", "*bf16", row_stats.MAX_BLOCK, "i64"))
+    variants = [(k, d, b, "i32") for k in divergences.KINDS for d in LOGIT_TYPES for b in (16, _triton_math.MAX_BLOCK)]
+    variants.append(("srkl", "*bf16", _triton_math.MAX_BLOCK, "i64"))
     for kind, dtype, block, stride in variants:
         rows = {
             "S": dtype, "stride_sb": stride, "stride_st": stride, "stride_sv": "constexpr",
@@ -91,9 +95,9 @@ def _divergence_specs():
                     "GRAD": dtype, **tail}
         label = f"{kind},{dtype[1:]},BLOCK={block},strides={stride}"
         yield f"divergence_forward[{label}]", divergences._divergence_forward_kernel, forward, const, \
-            row_stats.NUM_WARPS
+            _triton_math.NUM_WARPS
         yield f"divergence_backward[{label}]", divergences._divergence_backward_kernel, backward, const, \
-            row_stats.NUM_WARPS
+            _triton_math.NUM_WARPS
 
 
 SPECS = [_row_stats_specs, _coefficients_specs, _gradient_specs, _divergence_specs]

@@ -24,13 +24,13 @@ settings.load_profile("ci")
 
 @pytest.fixture(params=["torch", "triton"])
 def backend(request, monkeypatch):
-    from askd_kernels import torch_impl
+    from askd_kernels import _torch_math
 
     monkeypatch.setenv("ASKD_KERNELS_BACKEND", request.param)
     if request.param == "triton":
         use_triton_on_cpu(monkeypatch)
         return request.param
-    monkeypatch.setattr(torch_impl, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(_torch_math, "CHUNK_ELEMENTS", 64)
     return request.param
 
 
@@ -38,12 +38,13 @@ def backend(request, monkeypatch):
 def no_kernels(backend, monkeypatch):
     """Both backends' stages raise ``KernelRan`` if called (the backend fixture is still applied):
     for tests that bad input is rejected before any kernel runs."""
-    from askd_kernels import ops, torch_impl
+    from askd_kernels.askd import cpu, triton_coefficients, triton_gradient, triton_row_stats
 
     def sentinel(*args, **kwargs):
         raise KernelRan("a kernel stage ran on invalid input")
 
-    for stage in ("row_stats", "coefficients", "student_gradient"):
-        monkeypatch.setattr(torch_impl, stage, sentinel)
-        monkeypatch.setattr(ops._TritonStages, stage, staticmethod(sentinel))
+    for stage, kernel_module in (("row_stats", triton_row_stats), ("coefficients", triton_coefficients),
+                                 ("student_gradient", triton_gradient)):
+        monkeypatch.setattr(cpu, stage, sentinel)
+        monkeypatch.setattr(kernel_module, stage, sentinel)
     return backend

@@ -1,4 +1,4 @@
-"""``divergence_loss`` (SPEC §6): parity of both backends with the fp64 oracle ``divergence_loss_ref``
+"""``divergence_loss`` (docs/contract.md §6): parity of both backends with the fp64 oracle ``divergence_loss_ref``
 — values and gradients under the tolerance rule of ``_compare.py`` — plus its exact boundaries,
 masked vocabularies, rows that must not be read, memory profile, bad inputs and ``torch.compile``.
 
@@ -116,10 +116,10 @@ def _check_case(case):
 @settings(max_examples=10, suppress_health_check=SUPPRESSED)
 @given(data=st.data())
 def test_parity_torch_path(monkeypatch, kind, data):
-    from askd_kernels import torch_impl
+    from askd_kernels import _torch_math
 
     monkeypatch.setenv("ASKD_KERNELS_BACKEND", "torch")
-    monkeypatch.setattr(torch_impl, "CHUNK_ELEMENTS", 97)  # several chunks even on tiny shapes
+    monkeypatch.setattr(_torch_math, "CHUNK_ELEMENTS", 97)  # several chunks even on tiny shapes
     _check_case(data.draw(divergence_cases(kind)))
 
 

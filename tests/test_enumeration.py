@@ -1,4 +1,4 @@
-"""Exhaustive-enumeration proof that the `exact` estimator is unbiased (SPEC.md §3, §4).
+"""Exhaustive-enumeration proof that the `exact` estimator is unbiased (docs/contract.md §3, §4).
 
 A tabular autoregressive student (one learnable row of logits per prefix) and a fixed tabular
 teacher over V = 3, T = 3. The batch is all V^T = 27 sequences, so expectations are finite sums:

@@ -1,4 +1,4 @@
-"""``askd_loss_from_hidden`` and ``token_logprobs`` (``askd_kernels.fused_linear``): ASKD and per-token
+"""``askd_loss_from_hidden`` and ``token_logprobs`` (``askd_kernels.askd.fused_linear``): ASKD and per-token
 log-probs from hidden states and the lm_head weight, in chunks of rows, never tokens × vocab logits.
 
 * parity with the fp64 oracle — ``reference.askd_loss_ref`` and ``log_softmax`` in fp64 — for the
@@ -33,7 +33,8 @@ from hypothesis import strategies as st
 from _backends import KernelRan
 
 import askd_kernels as ak
-from askd_kernels import fused_linear, torch_impl
+from askd_kernels import _torch_math
+from askd_kernels.askd import fused_linear
 from reference import askd_loss_ref
 
 H, V, H_TEACHER = 13, 37, 7   # odd sizes: V is not a multiple of any block
@@ -44,7 +45,7 @@ SUPPRESSED = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 
 @pytest.fixture
 def chunked(monkeypatch):
-    monkeypatch.setattr(fused_linear, "CHUNK_ELEMENTS", CHUNK * V)
+    monkeypatch.setattr(fused_linear, "LOGITS_CHUNK_ELEMENTS", CHUNK * V)
 
 
 def _teacher_logprobs(labels, dtype, g, vocab):
@@ -180,7 +181,7 @@ def linear_cases(draw):
 
 def _hypothesis_parity(monkeypatch, case):
     spec, rows = case
-    monkeypatch.setattr(fused_linear, "CHUNK_ELEMENTS", rows * spec["vocab"])
+    monkeypatch.setattr(fused_linear, "LOGITS_CHUNK_ELEMENTS", rows * spec["vocab"])
     _check_parity(*_case(**spec))
 
 
@@ -188,7 +189,7 @@ def _hypothesis_parity(monkeypatch, case):
 @given(case=linear_cases())
 def test_askd_from_hidden_parity_drawn_torch(monkeypatch, case):
     monkeypatch.setenv("ASKD_KERNELS_BACKEND", "torch")
-    monkeypatch.setattr(torch_impl, "CHUNK_ELEMENTS", 64)  # the stages' own sub-chunks, too
+    monkeypatch.setattr(_torch_math, "CHUNK_ELEMENTS", 64)  # the stages' own sub-chunks, too
     _hypothesis_parity(monkeypatch, case)
 
 
@@ -260,7 +261,7 @@ def test_frozen_head_and_chunk_independence(monkeypatch):
     params, labels, kw, upstream = _case(6, torch.float32)
     results = []
     for rows in (1, CHUNK, 10**6):
-        monkeypatch.setattr(fused_linear, "CHUNK_ELEMENTS", rows * V)
+        monkeypatch.setattr(fused_linear, "LOGITS_CHUNK_ELEMENTS", rows * V)
         hidden = params[0].clone().requires_grad_()
         loss = ak.askd_loss_from_hidden(hidden, params[1], labels, lm_head_bias=params[2], **kw)
         loss.backward()
@@ -278,7 +279,7 @@ def test_chunk_rule():
     assert fused_linear.chunk_rows(1 << 30, 4096) == 1                     # at least one row
     for v, h in [(151936, 1536), (50257, 768), (128256, 4096)]:
         rows = fused_linear.chunk_rows(v, h)
-        assert rows % 64 == 0 and rows * v <= fused_linear.CHUNK_ELEMENTS and rows <= h
+        assert rows % 64 == 0 and rows * v <= fused_linear.LOGITS_CHUNK_ELEMENTS and rows <= h
 
 
 def test_torch_compile_fullgraph(monkeypatch, chunked):
@@ -313,7 +314,7 @@ def _peaks(n_tokens, dtype, monkeypatch):
     from bench.measure import cpu_allocations
 
     monkeypatch.setenv("ASKD_KERNELS_BACKEND", "torch")
-    monkeypatch.setattr(fused_linear, "CHUNK_ELEMENTS", MEM_ROWS * MEM_V)
+    monkeypatch.setattr(fused_linear, "LOGITS_CHUNK_ELEMENTS", MEM_ROWS * MEM_V)
     g = torch.Generator().manual_seed(0)
     B, T = 4, n_tokens // 4
     hidden = torch.randn(B, T, MEM_H, generator=g).to(dtype).requires_grad_()
@@ -461,7 +462,7 @@ def test_sentinel_trips_on_valid_input(no_kernels):
 def test_cuda_bf16_parity(monkeypatch):
     """The Triton launchers and the bf16 → fp32 weight-gradient GEMM on a real device."""
     monkeypatch.delenv("ASKD_KERNELS_BACKEND", raising=False)
-    monkeypatch.setattr(fused_linear, "CHUNK_ELEMENTS", CHUNK * V)
+    monkeypatch.setattr(fused_linear, "LOGITS_CHUNK_ELEMENTS", CHUNK * V)
     params, labels, kw, upstream = _case(8, torch.bfloat16)
     cuda = lambda x: x.cuda() if isinstance(x, torch.Tensor) else x  # noqa: E731
     ours = _ours(tuple(map(cuda, params)), labels.cuda(), {k: cuda(v) for k, v in kw.items()}, upstream.cuda())

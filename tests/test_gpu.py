@@ -80,7 +80,7 @@ def test_tokens_times_vocab_beyond_int32(monkeypatch):
 
 
 def test_forward_extra_memory_per_token():
-    """Forward allocates only O(tokens) (the core issue asks ≤ 64 bytes per token)."""
+    """Forward allocates only O(tokens) (the design: ≤ 64 bytes per token)."""
     B, T, V = 8, 2048, 151936
     student, teacher, labels, sgo, alpha = _inputs(B, T, V, V, torch.bfloat16)
     student.requires_grad_()

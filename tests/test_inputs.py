@@ -1,5 +1,5 @@
 """Bad input to ``askd_loss`` fails with a ``TypeError`` / ``ValueError`` that names the argument,
-before any kernel runs (``_checks.py``; SPEC §7).
+before any kernel runs (``askd_kernels/_checks.py``; docs/contract.md §7).
 
 Every stage implementation of both backends (row stats, coefficients, gradient) is replaced by a
 sentinel (the ``no_kernels`` fixture of conftest.py) that fails the test if it is ever called, so a

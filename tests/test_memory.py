@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import askd_kernels as ak
-from askd_kernels import torch_impl
+from askd_kernels import _torch_math
 from bench.measure import cpu_allocations
 
 V = 1024
@@ -16,7 +16,7 @@ CHUNK = 1 << 15  # 32 rows of 1024 fp32 columns = 128 KiB per temporary
 
 def _forward_peak(n_tokens, monkeypatch, teacher_logprobs=False):
     monkeypatch.setenv("ASKD_KERNELS_BACKEND", "torch")
-    monkeypatch.setattr(torch_impl, "CHUNK_ELEMENTS", CHUNK)
+    monkeypatch.setattr(_torch_math, "CHUNK_ELEMENTS", CHUNK)
     g = torch.Generator().manual_seed(0)
     B, T = 4, n_tokens // 4
     student = torch.randn(B, T, V, generator=g, requires_grad=True)

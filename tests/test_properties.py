@@ -1,4 +1,4 @@
-"""Mathematical and API properties of ``askd_loss`` (SPEC §2–4, §7), each checked on both backends.
+"""Mathematical and API properties of ``askd_loss`` (docs/contract.md §2–4, §7), each checked on both backends.
 
 These are not parity-with-the-oracle tests (``test_askd_parity.py`` does that); they check closed-form
 identities the loss must satisfy whatever the implementation: ρ ∈ [0, 1] and increasing in α, the
@@ -41,7 +41,7 @@ def _run(student, labels, teacher=None, *, upstream=None, **kw):
     return loss.detach(), stats, leaf.grad
 
 
-# ------------------------------------------------------------------------- ρ (SPEC §2)
+# ------------------------------------------------------------------------- ρ (docs/contract.md §2)
 
 
 ALPHAS = [0.0, 0.05, 0.2, 0.4, 0.5, 0.6, 0.8, 0.95, 1.0]
@@ -65,7 +65,7 @@ def test_rho_in_unit_interval_and_increasing_in_alpha(backend):
 
     assert bool(((rho >= 0) & (rho <= 1)).all())
     assert torch.equal(rho[:, ~valid], torch.zeros_like(rho[:, ~valid]))
-    # the boundaries are exact, not clamped (SPEC §2)
+    # the boundaries are exact, not clamped (docs/contract.md §2)
     assert torch.equal(rho[0][valid], torch.zeros_like(rho[0][valid]))
     assert torch.equal(rho[-1][valid], torch.ones_like(rho[-1][valid]))
     # ρ = α / (α + (1−α)e^ℓ) has dρ/dα = e^ℓ / (α + (1−α)e^ℓ)² > 0 for finite ℓ: strictly increasing
@@ -113,7 +113,7 @@ def test_alpha_one_tgo_gradient_is_nll_with_teacher_logprobs(backend):
 
 
 def test_boundary_alphas_give_zero_gradient(backend):
-    """SPEC §2: α = 1 gives zero gradient on SGOs (λ = 0 + 1 − 1), α = 0 zero gradient on TGOs (ρ = 0)."""
+    """docs/contract.md §2: α = 1 gives zero gradient on SGOs (λ = 0 + 1 − 1), α = 0 zero gradient on TGOs (ρ = 0)."""
     student, teacher, labels = _problem(4, B=2, T=5, V_s=11)
     loss, stats, grad = _run(student, labels, teacher, student_generated=torch.tensor([True, False]),
                              alpha=torch.tensor([1.0, 0.0]), reduction="none")
@@ -180,7 +180,7 @@ def test_clip_zeroes_sequence_exactly_and_leaves_others(backend):
 
 
 def test_clip_counts_in_mean_denominator(backend):
-    """SPEC §4: clipped sequences still count in N; their contribution is 0."""
+    """docs/contract.md §4: clipped sequences still count in N; their contribution is 0."""
     student, teacher, labels = _problem(7, B=2, T=4, V_s=9)
     kw = dict(student_generated=torch.tensor([True, True]), alpha=0.5, clip=torch.tensor([True, False]))
     mean = ak.askd_loss(student, labels, teacher, reduction="mean", **kw)
@@ -272,7 +272,7 @@ def test_extreme_and_masked_logits_are_finite(backend, dtype):
 
 @pytest.mark.parametrize("alpha", [0.25, 1.0])
 def test_label_outside_teacher_vocab_is_finite_for_sgo(backend, alpha):
-    """SPEC §1: a label ≥ V_t means p = 0, the exact limit; never NaN for α > 0."""
+    """docs/contract.md §1: a label ≥ V_t means p = 0, the exact limit; never NaN for α > 0."""
     student, teacher, labels = _problem(12, B=2, T=5, V_s=14, V_t=10, holes=False)
     labels[0, 1] = 12
     labels[0, 3] = 13

@@ -1,4 +1,4 @@
-"""Stage (c) — the gradient with respect to the student logits (SPEC §4).
+"""Stage (c) — the gradient with respect to the student logits (``docs/contract.md`` §4).
 
     ∂loss/∂z[b,t,v] = g_b · coef_t · (softmax(z[b,t]/τ)_v − 1[v = y_t]) / τ
 
@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .row_stats import NUM_WARPS, vocab_block
+from .._triton_math import NUM_WARPS, vocab_block
 
 
 @triton.jit

@@ -1,89 +1,13 @@
-"""The full-vocabulary divergence family (SPEC §6): ``divergence_loss`` and its custom ops.
-
-``askd_kernels::divergence_forward`` returns the per-token values (0 at ignored positions and in
-clipped sequences) plus the per-token fp32 row statistics its backward needs; its registered autograd
-formula calls ``askd_kernels::divergence_backward``, the gradient w.r.t. the student logits only, for
-per-token upstream gradients. Both are ``torch.library`` custom ops with fake implementations, so
-``torch.compile(fullgraph=True)`` traces through them. The reduction happens outside, in ordinary
-differentiable torch ops, as in :mod:`askd_kernels.ops`.
-
-The backend follows the core op's choice (:func:`askd_kernels.ops.backend_for`): the Triton kernels of
-:mod:`askd_kernels.divergences` or the chunked PyTorch path of :mod:`askd_kernels.divergences_torch`.
-"""
+"""The public op of the divergence family: ``divergence_loss`` (``docs/contract.md`` §6)."""
 import math
 from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
-from . import _checks as check
-from . import divergences, divergences_torch, torch_impl
-from .divergences import KINDS
-from .ops import backend_for
-
-
-def _impl_for(device: torch.device):
-    return divergences_torch if backend_for(device) is torch_impl else divergences
-
-
-@torch.library.custom_op("askd_kernels::divergence_forward", mutates_args=())
-def divergence_forward(
-    student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, kappa: Tensor, log_w: Tensor,
-    kind: str, temperature: float, ignore_index: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per-token ``value`` and the backward's ``row_sum, lse_s, lse_t``, each fp32 [B, T].
-
-    Expects validated inputs: contiguous [B, T] labels, fp32 ``kappa`` [B] (0 = clipped) and
-    ``log_w`` [B, 2] (log weights of q and p in the mixture); ``kind`` a key of ``KINDS`` (jsd only
-    for 0 < β < 1).
-    """
-    B, T = labels.shape
-    outputs = _impl_for(student_logits.device).forward(
-        student_logits, teacher_logits, labels, kappa, log_w,
-        kind=kind, temperature=temperature, ignore_index=ignore_index)
-    return tuple(x.view(B, T) for x in outputs)
-
-
-@divergence_forward.register_fake
-def _(student_logits, teacher_logits, labels, kappa, log_w, kind, temperature, ignore_index):
-    return tuple(labels.new_empty(labels.shape, dtype=torch.float32) for _ in range(4))
-
-
-@torch.library.custom_op("askd_kernels::divergence_backward", mutates_args=())
-def divergence_backward(
-    student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, kappa: Tensor, log_w: Tensor,
-    lse_s: Tensor, lse_t: Tensor, row_sum: Tensor, grad_value: Tensor,
-    kind: str, temperature: float, ignore_index: int,
-) -> Tensor:
-    """The gradient w.r.t. the student logits for the per-token upstream gradient ``grad_value``."""
-    flat = lambda x: x.float().contiguous().reshape(-1)  # noqa: E731
-    return _impl_for(student_logits.device).backward(
-        student_logits, teacher_logits, labels, kappa, log_w, flat(lse_s), flat(lse_t), flat(row_sum),
-        flat(grad_value), kind=kind, temperature=temperature, ignore_index=ignore_index)
-
-
-@divergence_backward.register_fake
-def _(student_logits, teacher_logits, labels, kappa, log_w, lse_s, lse_t, row_sum, grad_value, kind,
-      temperature, ignore_index):
-    return torch.empty(student_logits.shape, dtype=student_logits.dtype, device=student_logits.device)
-
-
-def _setup_context(ctx, inputs, output):
-    student_logits, teacher_logits, labels, kappa, log_w, kind, temperature, ignore_index = inputs
-    _value, row_sum, lse_s, lse_t = output
-    ctx.save_for_backward(student_logits, teacher_logits, labels, kappa, log_w, lse_s, lse_t, row_sum)
-    ctx.options = (kind, temperature, ignore_index)
-    ctx.mark_non_differentiable(*output[1:])
-
-
-def _backward(ctx, grad_value, *_unused_grads):
-    grad = None
-    if ctx.needs_input_grad[0]:
-        grad = divergence_backward(*ctx.saved_tensors, grad_value, *ctx.options)
-    return (grad,) + (None,) * 7
-
-
-divergence_forward.register_autograd(_backward, setup_context=_setup_context)
+from .. import _checks as check
+from .ops import divergence_forward
+from .triton import KINDS
 
 
 def _log_weights(kind, alpha, beta, batch, device):
@@ -145,15 +69,9 @@ def divergence_loss(
     only the gradient.
     """
     # ---- validation: everything before any kernel runs ----------------------------------------
-    check.tensor("student_logits", student_logits, ndim=3, floating=check.LOGIT_DTYPES)
-    B, T, V_s = student_logits.shape
-    if B == 0 or T == 0 or V_s == 0:
-        raise ValueError(f"student_logits must be non-empty, got shape {(B, T, V_s)}")
+    B, T, V_s = check.sequence_tensor("student_logits", student_logits)
     device = student_logits.device
-    check.tensor("teacher_logits", teacher_logits, ndim=3, floating=check.LOGIT_DTYPES)
-    if teacher_logits.shape[:2] != (B, T) or teacher_logits.shape[2] == 0:
-        raise ValueError(f"teacher_logits must have shape [B={B}, T={T}, V_t > 0], "
-                         f"got {tuple(teacher_logits.shape)}")
+    check.teacher_logits(teacher_logits, B, T)
     check.tensor("labels", labels, shape=(B, T), integer=True)
     check.choice("kind", kind, tuple(KINDS))
     if kind in ("skl", "srkl") and alpha is None:

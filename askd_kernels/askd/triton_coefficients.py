@@ -1,4 +1,4 @@
-"""Stage (b) — per-sequence coefficients: suffix scans over the valid positions (SPEC §3–4).
+"""Stage (b) — per-sequence coefficients: suffix scans over the valid positions (``docs/contract.md`` §3–4).
 
 From the per-token ``ℓ_t`` and ``log q_t`` of stage (a), one program per sequence computes
 
@@ -12,7 +12,7 @@ and from them λ_t for the chosen estimator (``exact``: TGO ρ_t, SGO G_t + ρ_t
 SGO G_t + P_t − 1; ``sequence``: TGO σ(−X), SGO U + σ(−X) − 1), the importance weight
 w_t = min(exp(log q_t − log q_old,t), w_max) of SGOs, κ_b, and the per-sequence value
 
-    D_b = (1 − sgo_b)·Σ_t ℓ_t − (Σ_t u_t  or  U for ``sequence``)        (SPEC §4)
+    D_b = (1 − sgo_b)·Σ_t ℓ_t − (Σ_t u_t  or  U for ``sequence``)        (``docs/contract.md`` §4)
 
 Outputs ``lam`` (λ_t), ``coef`` (κ_b·w_t·λ_t, the factor of the gradient) and ``value`` (κ_b·D_b).
 All sums run in fp32 over chunks of ``BLOCK_T`` positions from the end of the sequence backwards,
@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_math import discounted_add, log_mixture
+from .._triton_math import discounted_add, log_mixture
 
 ESTIMATORS = {"exact": 0, "paper": 1, "sequence": 2}
 BLOCK_T = 1024

@@ -1,59 +1,19 @@
-"""The CPU path: the three stages of the Triton kernels in chunked PyTorch, with the same math.
+"""The ASKD family's CPU path: the three stages of the Triton kernels in chunked PyTorch, same math.
 
-Used automatically for CPU tensors (and anywhere with ``ASKD_KERNELS_BACKEND=torch``). Rows are
-processed ``chunk_rows(V)`` at a time, so the peak extra memory is one chunk of rows × vocab in fp32,
-never tokens × vocab. This is the library's fallback, not the test oracle: ``reference/`` is written
-independently and materialises everything in fp64.
+Used for CPU tensors (and anywhere with ``ASKD_KERNELS_BACKEND=torch``): :func:`row_stats` is stage
+(a) of :mod:`.triton_row_stats`, :func:`coefficients` stage (b) of :mod:`.triton_coefficients`,
+:func:`student_gradient` stage (c) of :mod:`.triton_gradient`; their docstrings hold the formulas.
+Rows are processed in chunks (:func:`askd_kernels._torch_math.row_chunks`), so the temporaries are a
+few chunks of rows × vocab in fp32, never tokens × vocab. This is the library's fallback, not the
+test oracle: ``reference/`` is written independently and materialises everything in fp64.
 """
-
 import torch
 
-# fp32 elements of one chunk's temporaries (16 MiB each); tests lower it to force several chunks.
-CHUNK_ELEMENTS = 1 << 22
-
-
-def chunk_rows(n_cols: int) -> int:
-    return max(1, CHUNK_ELEMENTS // max(1, n_cols))
-
-
-def _chunks(n: int, n_cols: int):
-    """Slices covering ``range(n)``, each ``chunk_rows(n_cols)`` rows long."""
-    step = chunk_rows(n_cols)
-    for start in range(0, n, step):
-        yield slice(start, min(n, start + step))
-
-
-def _row_chunks(rows: torch.Tensor, n: int, n_cols: int):
-    """Yield ``(index, sel)`` per chunk of the selected ``rows`` of an ``n``-row matrix.
-
-    ``sel`` is a slice when every row is selected (views, no copies) and an index tensor otherwise.
-    """
-    everything = rows.numel() == n
-    for part in _chunks(rows.numel(), n_cols):
-        yield rows[part], (part if everything else rows[part])
-
-
-def _scaled_fp32(rows, inv_tau):
-    """``rows / τ`` in fp32, copying only when the dtype or the temperature requires it."""
-    return rows if inv_tau == 1.0 and rows.dtype == torch.float32 else rows.float() * inv_tau
-
-
-def _log_prob_at(rows, labels, inv_tau):
-    """(log softmax(rows/τ)[label], logsumexp(rows/τ)) for a chunk; labels ≥ width give −inf."""
-    x = _scaled_fp32(rows, inv_tau)
-    inside = (labels >= 0) & (labels < x.shape[-1])
-    safe = torch.where(inside, labels, 0).unsqueeze(-1)
-    log_prob = torch.log_softmax(x, dim=-1).gather(-1, safe).squeeze(-1)  # one fused pass
-    x_at = x.gather(-1, safe).squeeze(-1)
-    lse = x_at - log_prob
-    masked = torch.isinf(x_at)  # a −inf logit at the label: recover the log-sum-exp directly
-    if masked.any():
-        lse[masked] = torch.logsumexp(x[masked], dim=-1)
-    return torch.where(inside, log_prob, float("-inf")), lse
+from .._torch_math import log_mixture, log_prob_at, row_chunks, scaled_fp32
 
 
 def row_stats(student_logits, labels, teacher_logits, teacher_logprobs, *, temperature, ignore_index):
-    """Stage (a); see :mod:`askd_kernels.row_stats`. Returns fp32 ``(log_q, log_ratio, lse)`` [B·T]."""
+    """Stage (a); see :mod:`.triton_row_stats`. Returns fp32 ``(log_q, log_ratio, lse)`` [B·T]."""
     B, T, V_s = student_logits.shape
     n = B * T
     z = student_logits.reshape(n, V_s)
@@ -66,21 +26,16 @@ def row_stats(student_logits, labels, teacher_logits, teacher_logprobs, *, tempe
     lse = torch.zeros_like(log_q)
     rows = valid.nonzero().squeeze(-1)  # ignored positions cost no vocabulary pass
     width = max(V_s, 0 if w is None else w.shape[1])
-    for idx, sel in _row_chunks(rows, n, width):
+    for idx, sel in row_chunks(rows, n, width):
         lab = flat_labels[sel]
-        lq, ls = _log_prob_at(z[sel], lab, inv_tau)
+        lq, ls = log_prob_at(z[sel], lab, inv_tau)
         # Out-of-range student labels poison the row with NaN, as the kernel does.
         log_q[idx] = torch.where(lab < V_s, lq, float("nan"))
         lse[idx] = ls
         if w is not None:
-            log_p[idx] = _log_prob_at(w[sel], lab, inv_tau)[0]
+            log_p[idx] = log_prob_at(w[sel], lab, inv_tau)[0]
     log_ratio = torch.where(valid, log_p - log_q, 0.0)
     return log_q, log_ratio, lse
-
-
-def _log_mixture(log_a, log_1ma, x):
-    """log(α + (1−α)e^x) from log α, log(1−α); exact at α ∈ {0, 1} (torch.logaddexp handles −inf)."""
-    return torch.logaddexp(log_a, log_1ma + x)
 
 
 def _suffix_sum(x):
@@ -103,13 +58,13 @@ def _discounted_suffix_sums(x, valid, gamma):
 
 def coefficients(log_q, log_ratio, log_q_old, labels, alpha, sgo, kappa, *, estimator, gamma, w_max,
                  length_normalize, ignore_index):
-    """Stage (b); see :mod:`askd_kernels.coefficients`. Returns ``(lam, coef, value)``."""
+    """Stage (b); see :mod:`.triton_coefficients`. Returns ``(lam, coef, value)``."""
     B, T = labels.shape
     valid = labels != ignore_index
     ell = log_ratio.view(B, T)
     log_a = torch.log(alpha).unsqueeze(1)
     log_1ma = torch.log1p(-alpha).unsqueeze(1)
-    u = torch.where(valid, _log_mixture(log_a, log_1ma, ell), 0.0)
+    u = torch.where(valid, log_mixture(log_a, log_1ma, ell), 0.0)
     log_rho = torch.where(valid, log_a - u, 0.0)
     rho = log_rho.exp()
 
@@ -119,7 +74,7 @@ def coefficients(log_q, log_ratio, log_q_old, labels, alpha, sgo, kappa, *, esti
     p_suffix = _suffix_sum(log_rho).exp()
 
     sum_l = torch.where(valid, ell, 0.0).sum(1, keepdim=True)
-    u_seq = _log_mixture(log_a, log_1ma, sum_l)
+    u_seq = log_mixture(log_a, log_1ma, sum_l)
     sig_seq = torch.exp(log_a - u_seq)
     lam_tgo, lam_sgo = {
         "exact": (rho, g + rho - 1.0),
@@ -138,7 +93,7 @@ def coefficients(log_q, log_ratio, log_q_old, labels, alpha, sgo, kappa, *, esti
 
 
 def student_gradient(student_logits, labels, coef, lse, grad_seq, *, temperature):
-    """Stage (c); see :mod:`askd_kernels.gradient`. Rows with a zero factor are not read."""
+    """Stage (c); see :mod:`.triton_gradient`. Rows with a zero factor are not read."""
     B, T, V_s = student_logits.shape
     n = B * T
     z = student_logits.reshape(n, V_s)
@@ -149,9 +104,9 @@ def student_gradient(student_logits, labels, coef, lse, grad_seq, *, temperature
     # Allocated in its final shape so autograd can take it over without a copy.
     grad = (torch.empty if everything else torch.zeros)((B, T, V_s), dtype=student_logits.dtype, device=z.device)
     rows_out = grad.view(n, V_s)
-    for idx, sel in _row_chunks(rows, n, V_s):
+    for idx, sel in row_chunks(rows, n, V_s):
         # softmax(z/τ) rebuilt from the forward's log-sum-exp, then − onehot, times the row factor.
-        prob = torch.sub(_scaled_fp32(z[sel], 1.0 / temperature), lse[idx].unsqueeze(1)).exp_()
+        prob = torch.sub(scaled_fp32(z[sel], 1.0 / temperature), lse[idx].unsqueeze(1)).exp_()
         prob.mul_(scale[idx].unsqueeze(1))
         prob[torch.arange(idx.numel(), device=z.device), flat_labels[idx]] -= scale[idx]
         rows_out[sel] = prob.to(grad.dtype)

@@ -1,12 +1,13 @@
-"""The public ASKD op: ``askd_loss`` and its module ``ASKDLoss`` (SPEC §1–4, §7)."""
+"""The public op of the ASKD family: ``askd_loss`` and its module ``ASKDLoss`` (``docs/contract.md`` §1–4, §7)."""
+import inspect
 from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from . import _checks as check
-from .coefficients import ESTIMATORS
+from .. import _checks as check
 from .ops import askd_forward
+from .triton_coefficients import ESTIMATORS
 
 
 def askd_loss(
@@ -62,21 +63,15 @@ def askd_loss(
             all 0 at ignored positions.
 
     Returns the loss (fp32), or ``(loss, stats)``. Its backward is the REINFORCE-style gradient of
-    SPEC §4, ``g·κ·w·λ·(softmax(z/τ) − onehot(y))/τ``, not the derivative of the value.
+    ``docs/contract.md`` §4, ``g·κ·w·λ·(softmax(z/τ) − onehot(y))/τ``, not the derivative of the value.
     """
     # ---- validation: everything before any kernel runs ----------------------------------------
-    check.tensor("student_logits", student_logits, ndim=3, floating=check.LOGIT_DTYPES)
-    B, T, V_s = student_logits.shape
-    if B == 0 or T == 0 or V_s == 0:
-        raise ValueError(f"student_logits must be non-empty, got shape {(B, T, V_s)}")
+    B, T, V_s = check.sequence_tensor("student_logits", student_logits)
     check.tensor("labels", labels, shape=(B, T), integer=True)
     if (teacher_logits is None) == (teacher_logprobs is None):
         raise ValueError("pass exactly one of teacher_logits and teacher_logprobs")
     if teacher_logits is not None:
-        check.tensor("teacher_logits", teacher_logits, ndim=3, floating=check.LOGIT_DTYPES)
-        if teacher_logits.shape[:2] != (B, T) or teacher_logits.shape[2] == 0:
-            raise ValueError(f"teacher_logits must have shape [B={B}, T={T}, V_t > 0], "
-                             f"got {tuple(teacher_logits.shape)}")
+        check.teacher_logits(teacher_logits, B, T)
     else:
         check.tensor("teacher_logprobs", teacher_logprobs, shape=(B, T), floating=check.LOGIT_DTYPES)
     args = check_askd_options(
@@ -158,6 +153,29 @@ def finish_askd(outputs, args: ASKDArgs, return_stats: bool):
     if return_stats:
         return loss, {"log_q": log_q, "log_ratio": log_ratio, "lam": lam, "coef": coef}
     return loss
+
+
+def _option_parameters():
+    """The keyword-only options of :func:`askd_loss` that every ASKD entry point shares (all but the
+    teacher tensors), as ``inspect.Parameter`` objects: their names and defaults are askd_loss's."""
+    own = ("teacher_logprobs",)
+    return [p for p in inspect.signature(askd_loss).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in own]
+
+
+def bind_options(function: str, options: dict) -> dict:
+    """``options`` completed with :func:`askd_loss`'s defaults; a ``TypeError`` naming ``function``
+    and the argument for a missing required option or an unknown one."""
+    params = {p.name: p for p in _option_parameters()}
+    unknown = sorted(set(options) - set(params))
+    if unknown:
+        raise TypeError(f"{function}() got an unexpected keyword argument {unknown[0]!r}")
+    bound = {}
+    for name, p in params.items():
+        if name not in options and p.default is inspect.Parameter.empty:
+            raise TypeError(f"{function}() missing required keyword argument {name!r}")
+        bound[name] = options.get(name, p.default)
+    return bound
 
 
 class ASKDLoss(nn.Module):

@@ -1,4 +1,4 @@
-"""ASKD and per-token log-probs straight from hidden states and the lm_head weight (issue 6).
+"""ASKD and per-token log-probs straight from hidden states and the lm_head weight.
 
 ``logits = hidden @ weight.T + bias`` is never materialised for all tokens at once. The B·T rows are
 processed ``chunk_rows(V, H)`` at a time:
@@ -18,36 +18,38 @@ processed ``chunk_rows(V, H)`` at a time:
 ``token_logprobs`` is stage (a) alone (log q_t with the teacher slot unused); its backward is the same
 stage-(c) launcher with factor −g_t, since ∂log q_t/∂z = (onehot(y_t) − softmax(z/τ))/τ.
 
-Chunk rule (:func:`chunk_rows`): ``C = min(H, CHUNK_ELEMENTS // V)`` rows, at least 1, rounded down to
+Chunk rule (:func:`chunk_rows`): ``C = min(H, LOGITS_CHUNK_ELEMENTS // V)`` rows, at least 1, rounded down to
 a multiple of 64 (the GEMM tile) once it is ≥ 128. The budget bounds one chunk's logits to
-``CHUNK_ELEMENTS`` entries (2^27: 256 MiB in bf16), the cap ``H`` keeps a chunk's logits no larger
+``LOGITS_CHUNK_ELEMENTS`` entries (2^27: 256 MiB in bf16), the cap ``H`` keeps a chunk's logits no larger
 than the weight itself. For Qwen2-7B (V = 152064, H = 3584) that is 832 rows, enough for the GEMM to
 be compute-bound (the weight is re-read once per chunk: C flops per byte of W). Peak extra memory is
 O(C·V) — independent of the number of tokens — plus O(B·T) fp32 vectors and, in the backward, the
 fp32 accumulator of ``grad_W`` (V·H·4 bytes; the gradient itself for fp32 weights).
 
-Backend choice is the core op's (:func:`askd_kernels.ops.backend_for`): the Triton launchers on CUDA,
-the chunked PyTorch stages of :mod:`askd_kernels.torch_impl` on CPU. All three functions are
+Backend choice is the ASKD family's (:func:`askd_kernels.askd.ops.stages`): the Triton launchers on
+CUDA, the chunked PyTorch stages of :mod:`askd_kernels.askd.cpu` on CPU. All three functions are
 ``torch.library`` custom ops with fake implementations and a registered autograd formula, so
 ``torch.compile(fullgraph=True)`` traces through them.
 """
-from typing import Optional, Union
+import inspect
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import _checks as check
-from .askd import check_askd_options, detached_fp32, finish_askd
-from .ops import backend_for
+from .. import _checks as check
+from .._custom_op import custom_op
+from .api import askd_loss, bind_options, check_askd_options, detached_fp32, finish_askd
+from .ops import forward_fake, run_coefficients, stages
 
 # Entries of one chunk's logits (tests lower it to force several chunks on tiny shapes).
-CHUNK_ELEMENTS = 1 << 27
+LOGITS_CHUNK_ELEMENTS = 1 << 27
 TILE_ROWS = 64
 
 
 def chunk_rows(vocab: int, hidden_size: int) -> int:
-    """Rows per chunk: ``min(H, CHUNK_ELEMENTS // V)``, ≥ 1, a multiple of 64 once ≥ 128."""
-    rows = max(1, min(hidden_size, CHUNK_ELEMENTS // max(1, vocab)))
+    """Rows per chunk: ``min(H, LOGITS_CHUNK_ELEMENTS // V)``, ≥ 1, a multiple of 64 once ≥ 128."""
+    rows = max(1, min(hidden_size, LOGITS_CHUNK_ELEMENTS // max(1, vocab)))
     return rows - rows % TILE_ROWS if rows >= 2 * TILE_ROWS else rows
 
 
@@ -82,14 +84,14 @@ def _logits(rows: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
 def _chunked_row_stats(hidden, weight, bias, labels, teacher_logprobs, temperature, ignore_index):
     """Stage (a) chunk by chunk: fp32 ``(log_q, log_ratio, lse)`` [B·T]. Without ``teacher_logprobs``
     the teacher slot reads zeros and ``log_ratio`` is meaningless."""
-    stages = backend_for(hidden.device)
+    stage = stages(hidden.device)
     n = labels.numel()
     flat_labels = labels.view(n)
     out = [torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(3)]
     for start, stop, rows in _chunks(hidden, weight.shape[0]):
         teacher = (torch.zeros(stop - start, dtype=torch.float32, device=hidden.device)
                    if teacher_logprobs is None else teacher_logprobs.view(n)[start:stop])
-        stats = stages.row_stats(_logits(rows, weight, bias), flat_labels[start:stop].view(1, -1), None,
+        stats = stage.row_stats(_logits(rows, weight, bias), flat_labels[start:stop].view(1, -1), None,
                                  teacher.view(1, -1), temperature=temperature, ignore_index=ignore_index)
         for dst, src in zip(out, stats):
             dst[start:stop] = src
@@ -102,8 +104,8 @@ def _add_weight_grad(acc: Tensor, grad_rows: Tensor, rows: Tensor) -> None:
         acc.addmm_(grad_rows.T, rows)
     elif grad_rows.is_cuda:
         # bf16/fp16 tensor-core GEMM with an fp32 result; V sliced so the fp32 temporary stays within
-        # CHUNK_ELEMENTS entries.
-        step = max(1, CHUNK_ELEMENTS // rows.shape[1])
+        # LOGITS_CHUNK_ELEMENTS entries.
+        step = max(1, LOGITS_CHUNK_ELEMENTS // rows.shape[1])
         for v in range(0, acc.shape[0], step):
             acc[v:v + step].add_(torch.mm(grad_rows[:, v:v + step].T, rows, out_dtype=torch.float32))
     else:
@@ -115,7 +117,7 @@ def _chunked_backward(hidden, weight, bias, labels, scale, lse, temperature, nee
                       need_bias):
     """Stage (c) chunk by chunk with per-token factor ``scale`` (fp32 [B·T], zero where no gradient),
     then the two GEMMs of the linear layer. Gradients not needed come back as empty tensors."""
-    stages = backend_for(hidden.device)
+    stage = stages(hidden.device)
     B, T, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
@@ -125,7 +127,7 @@ def _chunked_backward(hidden, weight, bias, labels, scale, lse, temperature, nee
     grad_bias = torch.zeros((V,) if need_bias else (0,), dtype=torch.float32, device=dev)
     one = torch.ones(1, dtype=torch.float32, device=dev)  # g is already folded into ``scale``
     for start, stop, rows in _chunks(hidden, V):
-        grad_rows = stages.student_gradient(
+        grad_rows = stage.student_gradient(
             _logits(rows, weight, bias), flat_labels[start:stop].view(1, -1), scale[start:stop],
             lse[start:stop], one, temperature=temperature)[0]
         if need_hidden:
@@ -139,48 +141,14 @@ def _chunked_backward(hidden, weight, bias, labels, scale, lse, temperature, nee
 
 # ---- custom ops ------------------------------------------------------------------------------------
 
-@torch.library.custom_op("askd_kernels::linear_askd_forward", mutates_args=())
-def linear_askd_forward(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, teacher_logprobs: Tensor,
-    student_generated: Tensor, alpha: Tensor, kappa: Tensor, old_logprobs: Optional[Tensor],
-    w_max: float, estimator: str, gamma: float, length_normalize: bool, temperature: float,
-    ignore_index: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Chunked stage (a), then stage (b): ``value [B]`` and ``log_q, log_ratio, lam, coef, lse``
-    [B, T] (fp32), exactly as ``askd_forward`` returns them for the materialised logits."""
-    B, T = labels.shape
-    log_q, log_ratio, lse = _chunked_row_stats(hidden, weight, bias, labels, teacher_logprobs,
-                                               temperature, ignore_index)
-    if old_logprobs is None:  # importance weight exp(log q − log q) = 1, whatever the cap
-        old_logprobs, w_max = log_q, float("inf")
-    lam, coef, value = backend_for(hidden.device).coefficients(
-        log_q, log_ratio, old_logprobs.reshape(-1), labels, alpha, student_generated, kappa,
-        estimator=estimator, gamma=gamma, w_max=w_max, length_normalize=length_normalize,
-        ignore_index=ignore_index)
-    return (value, *(x.view(B, T) for x in (log_q, log_ratio, lam, coef, lse)))
+def _linear_backward_fake(hidden, weight, bias, labels, scale, lse, temperature, need_hidden, need_weight,
+                          need_bias):
+    def like(t, needed):
+        return t.new_empty(t.shape if needed else (0,), dtype=weight.dtype)
+    return like(hidden, need_hidden), like(weight, need_weight), like(weight[:, 0], need_bias)
 
 
-@linear_askd_forward.register_fake
-def _(hidden, weight, bias, labels, teacher_logprobs, student_generated, alpha, kappa, old_logprobs,
-      w_max, estimator, gamma, length_normalize, temperature, ignore_index):
-    per_token = [labels.new_empty(labels.shape, dtype=torch.float32) for _ in range(5)]
-    return (labels.new_empty(labels.shape[:1], dtype=torch.float32), *per_token)
-
-
-@torch.library.custom_op("askd_kernels::linear_logprobs_forward", mutates_args=())
-def linear_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
-                            temperature: float, ignore_index: int) -> tuple[Tensor, Tensor]:
-    """Chunked stage (a) without a teacher: ``log_q`` and ``lse``, fp32 [B, T], 0 at ignored positions."""
-    log_q, _, lse = _chunked_row_stats(hidden, weight, bias, labels, None, temperature, ignore_index)
-    return log_q.view(labels.shape), lse.view(labels.shape)
-
-
-@linear_logprobs_forward.register_fake
-def _(hidden, weight, bias, labels, temperature, ignore_index):
-    return tuple(labels.new_empty(labels.shape, dtype=torch.float32) for _ in range(2))
-
-
-@torch.library.custom_op("askd_kernels::linear_backward", mutates_args=())
+@custom_op("linear_backward", fake=_linear_backward_fake)
 def linear_backward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, scale: Tensor, lse: Tensor,
     temperature: float, need_hidden: bool, need_weight: bool, need_bias: bool,
@@ -191,15 +159,10 @@ def linear_backward(
                              lse.contiguous().view(-1), temperature, need_hidden, need_weight, need_bias)
 
 
-@linear_backward.register_fake
-def _(hidden, weight, bias, labels, scale, lse, temperature, need_hidden, need_weight, need_bias):
-    def like(t, needed):
-        return t.new_empty(t.shape if needed else (0,), dtype=weight.dtype)
-    return like(hidden, need_hidden), like(weight, need_weight), like(weight[:, 0], need_bias)
-
-
-def _linear_grads(ctx, hidden, weight, bias, labels, scale, lse):
-    """``(grad_hidden, grad_weight, grad_bias)`` for the inputs that need one, else None."""
+def _linear_grads(ctx, scale):
+    """``(grad_hidden, grad_weight, grad_bias)`` for the inputs that need one, else None, from the
+    saved ``hidden, weight, bias, labels, …, lse`` and the per-token factor ``scale``."""
+    hidden, weight, bias, labels, *_, lse = ctx.saved_tensors
     need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
     if not any(need):
         return None, None, None
@@ -216,12 +179,30 @@ def _askd_setup_context(ctx, inputs, output):
 
 
 def _askd_backward(ctx, grad_value, *_unused_grads):
-    hidden, weight, bias, labels, coef, lse = ctx.saved_tensors
-    scale = coef * grad_value.float().unsqueeze(1)  # κ·w·λ·g_b per token (0 where no gradient)
-    return (*_linear_grads(ctx, hidden, weight, bias, labels, scale, lse),) + (None,) * 12
+    coef = ctx.saved_tensors[4]
+    return _linear_grads(ctx, coef * grad_value.float().unsqueeze(1))  # κ·w·λ·g_b per token
 
 
-linear_askd_forward.register_autograd(_askd_backward, setup_context=_askd_setup_context)
+def _askd_forward_fake(hidden, weight, bias, labels, *_options):
+    return forward_fake(labels)
+
+
+@custom_op("linear_askd_forward", fake=_askd_forward_fake, backward=_askd_backward,
+           setup_context=_askd_setup_context)
+def linear_askd_forward(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, teacher_logprobs: Tensor,
+    student_generated: Tensor, alpha: Tensor, kappa: Tensor, old_logprobs: Optional[Tensor],
+    w_max: float, estimator: str, gamma: float, length_normalize: bool, temperature: float,
+    ignore_index: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Chunked stage (a), then stage (b): ``value [B]`` and ``log_q, log_ratio, lam, coef, lse``
+    [B, T] (fp32), exactly as ``askd_forward`` returns them for the materialised logits."""
+    log_q, log_ratio, lse = _chunked_row_stats(hidden, weight, bias, labels, teacher_logprobs,
+                                               temperature, ignore_index)
+    lam, coef, value = run_coefficients(stages(hidden.device), log_q, log_ratio, labels, student_generated,
+                                        alpha, kappa, old_logprobs, w_max, estimator, gamma,
+                                        length_normalize, ignore_index)
+    return (value, *(x.view(labels.shape) for x in (log_q, log_ratio, lam, coef, lse)))
 
 
 def _logprobs_setup_context(ctx, inputs, output):
@@ -232,13 +213,22 @@ def _logprobs_setup_context(ctx, inputs, output):
 
 
 def _logprobs_backward(ctx, grad_log_q, _grad_lse):
-    hidden, weight, bias, labels, lse = ctx.saved_tensors
+    labels = ctx.saved_tensors[3]
     # ∂log q/∂z = (onehot − softmax)/τ: stage (c)'s (softmax − onehot)/τ with factor −g.
-    scale = torch.where(labels != ctx.ignore_index, -grad_log_q.float(), 0.0)
-    return (*_linear_grads(ctx, hidden, weight, bias, labels, scale, lse), None, None, None)
+    return _linear_grads(ctx, torch.where(labels != ctx.ignore_index, -grad_log_q.float(), 0.0))
 
 
-linear_logprobs_forward.register_autograd(_logprobs_backward, setup_context=_logprobs_setup_context)
+def _logprobs_fake(hidden, weight, bias, labels, temperature, ignore_index):
+    return forward_fake(labels)[1:3]
+
+
+@custom_op("linear_logprobs_forward", fake=_logprobs_fake, backward=_logprobs_backward,
+           setup_context=_logprobs_setup_context)
+def linear_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                            temperature: float, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """Chunked stage (a) without a teacher: ``log_q`` and ``lse``, fp32 [B, T], 0 at ignored positions."""
+    log_q, _, lse = _chunked_row_stats(hidden, weight, bias, labels, None, temperature, ignore_index)
+    return log_q.view(labels.shape), lse.view(labels.shape)
 
 
 # ---- public functions ------------------------------------------------------------------------------
@@ -247,10 +237,7 @@ def _check_head(hidden, weight, bias, names):
     """Checks of a linear head's inputs; ``names`` = (hidden, weight, bias) argument names.
     Returns ``(B, T, V)``."""
     h_name, w_name, b_name = names
-    check.tensor(h_name, hidden, ndim=3, floating=check.LOGIT_DTYPES)
-    B, T, H = hidden.shape
-    if B == 0 or T == 0 or H == 0:
-        raise ValueError(f"{h_name} must be non-empty, got shape {(B, T, H)}")
+    B, T, H = check.sequence_tensor(h_name, hidden)
     check.tensor(w_name, weight, ndim=2, floating=check.LOGIT_DTYPES)
     V = weight.shape[0]
     if weight.shape[1] != H or V == 0:
@@ -306,19 +293,7 @@ def askd_loss_from_hidden(
     *,
     lm_head_bias: Optional[Tensor] = None,
     teacher_logprobs: Tensor,
-    student_generated: Union[Tensor, bool],
-    alpha: Union[Tensor, float],
-    clip: Optional[Tensor] = None,
-    old_logprobs: Optional[Tensor] = None,
-    is_max: Optional[float] = None,
-    estimator: str = "exact",
-    gamma: float = 1.0,
-    length_normalize: bool = False,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    num_items: Optional[Union[int, float, Tensor]] = None,
-    return_stats: bool = False,
+    **options,
 ):
     """``askd_loss`` of the logits ``student_hidden @ lm_head_weight.T + lm_head_bias``, computed
     chunk by chunk so that tokens × vocabulary logits never exist (peak extra memory O(chunk × V)).
@@ -326,8 +301,10 @@ def askd_loss_from_hidden(
     ``student_hidden [B, T, H]``, ``lm_head_weight [V, H]`` and ``lm_head_bias [V]`` share one
     floating dtype (fp32/bf16/fp16) and get gradients in it; the teacher comes as
     ``teacher_logprobs [B, T]`` (e.g. :func:`token_logprobs` of the teacher's head under
-    ``torch.no_grad()``). Every other argument, the value, ``return_stats`` and the REINFORCE-style
-    gradient are those of :func:`askd_kernels.askd_loss` on the materialised logits (which are
+    ``torch.no_grad()``). Every other argument (``student_generated``, ``alpha``, ``clip``, …,
+    ``return_stats``: the keyword-only options of :func:`askd_kernels.askd_loss`, with the same
+    defaults), the value and the REINFORCE-style gradient are those of ``askd_loss`` on the
+    materialised logits (which are
     rounded to the inputs' dtype there too); ``grad_weight``/``grad_bias`` are accumulated in fp32
     over the chunks and returned in the weight's dtype.
     """
@@ -335,12 +312,17 @@ def askd_loss_from_hidden(
                           ("student_hidden", "lm_head_weight", "lm_head_bias"))
     check.tensor("labels", labels, shape=(B, T), integer=True)
     check.tensor("teacher_logprobs", teacher_logprobs, shape=(B, T), floating=check.LOGIT_DTYPES)
-    args = check_askd_options(
-        student_hidden.device, labels, V, teachers={"teacher_logprobs": teacher_logprobs},
-        student_generated=student_generated, alpha=alpha, clip=clip, old_logprobs=old_logprobs,
-        is_max=is_max, estimator=estimator, gamma=gamma, length_normalize=length_normalize,
-        temperature=temperature, ignore_index=ignore_index, reduction=reduction, num_items=num_items,
-        reference="student_hidden")
+    options = bind_options("askd_loss_from_hidden", options)
+    return_stats = options.pop("return_stats")
+    args = check_askd_options(student_hidden.device, labels, V, teachers={"teacher_logprobs": teacher_logprobs},
+                              reference="student_hidden", **options)
     outputs = linear_askd_forward(student_hidden, lm_head_weight, lm_head_bias, args.labels,
                                   detached_fp32(teacher_logprobs), *args.op_args())
     return finish_askd(outputs, args, return_stats)
+
+
+# help() and IDEs show the options askd_loss_from_hidden forwards, with askd_loss's defaults.
+askd_loss_from_hidden.__signature__ = inspect.Signature(
+    [p for p in inspect.signature(askd_loss_from_hidden).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    + [p for p in inspect.signature(askd_loss).parameters.values()
+       if p.kind is p.KEYWORD_ONLY and p.name != "teacher_logprobs"])

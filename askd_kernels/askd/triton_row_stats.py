@@ -1,4 +1,4 @@
-"""Stage (a) — row statistics: one streaming pass per token over the vocabulary (SPEC §2).
+"""Stage (a) — row statistics: one streaming pass per token over the vocabulary (``docs/contract.md`` §2).
 
 For every position (b, t) with a valid label y it computes, in fp32 and from raw logits,
 
@@ -15,17 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_math import row_logsumexp
-
-# Largest vocabulary block one program streams per loop iteration; tests lower it to exercise the
-# multi-block loop on small vocabularies under the interpreter.
-MAX_BLOCK = 4096
-NUM_WARPS = 8
-
-
-def vocab_block(n_cols: int) -> int:
-    """Block width for a row of ``n_cols`` entries: a power of two in [16, MAX_BLOCK]."""
-    return max(16, min(MAX_BLOCK, triton.next_power_of_2(n_cols)))
+from .._triton_math import NUM_WARPS, row_logsumexp, vocab_block
 
 
 @triton.jit

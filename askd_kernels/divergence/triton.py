@@ -1,119 +1,31 @@
-"""Triton kernels of the full-vocabulary divergence family (SPEC §6): fkl, rkl, skl, srkl, jsd, tvd.
+"""The divergence family's Triton kernels: one forward, one backward (``docs/contract.md`` §6).
 
 Per valid position, over the shared vocabulary [0, V), V = min(V_s, V_t), with both rows renormalised
-there (x_v = log q_v = z_v/τ − logsumexp(z[:V]/τ), y_v = log p_v likewise), a per-token value f(q, p)
-and its gradient w.r.t. the student logits. Writing a_v = q_v·∂f/∂q_v, the softmax Jacobian gives
+there (x_v = log q_v = z_v/τ − logsumexp(z[:V]/τ), y_v = log p_v likewise), a per-token value
+f(q, p) = Σ_v f-terms and its gradient w.r.t. the student logits. With a_v = q_v·∂f/∂q_v, the
+softmax Jacobian gives
 
     ∂f/∂z_v = (a_v − q_v·S)/τ,     S = Σ_u a_u                                         (1)
 
 so the work is two streaming passes per token in the forward kernel and one in the backward kernel:
 
-* forward  — pass 1: ``row_logsumexp`` of both rows over [0, V) (the package's one online LSE);
+* forward  — pass 1: ``row_logsumexp`` of both rows over [0, V);
              pass 2: Σ_v f-terms (the value) and S, both fp32, stored per token with the two LSEs;
 * backward — recomputes x, y and a_v block by block and writes g·(a_v − q_v·S)/τ in the logits'
              dtype; student columns in [V, V_s) get 0. A row whose factor is zero (ignored, clipped,
              zero upstream gradient) writes zeros without reading the logits.
 
-The forward allocates four fp32 vectors of length B·T; the backward only the gradient.
-
-Per kind (m = w_q·q + w_p·p, log m = logaddexp(log w_q + x, log w_p + y) — never log(p + q) — with
-(w_q, w_p) = (α, 1−α) for skl/srkl and (1−β, β) for jsd, given as log weights that may be −inf):
-
-    kind   f-terms of column v                        a_v
-    fkl    p (y − x)                                  −p
-    rkl    q (x − y)                                  q (x − y)
-    skl    p (y − log m)                              −p · α q/m
-    srkl   q (x − log m)                              q (x − log m + (1−α) p/m)
-    jsd    β p (y − log M) + (1−β) q (x − log M)      (1−β) q (x − log M)
-    tvd    ½ |p − q|                                  ½ q sign(q − p)
-
-rkl drops the constant 1 of ∂f/∂q_v (the gradient (1) is unchanged when a_v += c·q_v); srkl's a_v is the full
-q·∂f/∂q, including the dependence of m on q, with 1 − α q/m written as (1−α) p/m; jsd is for
-0 < β < 1 only (``divergence_loss`` maps β = 0 and β = 1 to fkl and rkl); tvd's subgradient is 0 at
-ties.
-
-Every term is guarded so that 0·log 0 = 0 (p_v = 0 or q_v = 0 from −inf logits or from the padding
-of the last block) and ratios like α q/m are formed as exp(log α + x − log m), exact at α ∈ {0, 1}:
-skl at α = 1 is fkl and at α = 0 is exactly 0; srkl at α = 0 is rkl and at α = 1 is exactly 0 with
-an exactly zero gradient (srkl's a_v keeps (1−α)p/m rather than 1 − αq/m for that reason).
-
-KIND is a ``tl.constexpr``, not a runtime int: each kind compiles to its own specialisation holding
-only its own math (no per-element selects over six formulas, no transcendental functions a kind does
-not need, fewer live registers — the heaviest kinds are near the register budget at the largest
-block). A runtime int would either evaluate every kind per element (``tl.where``) or branch inside
-the innermost loop; six small specialisations per dtype and block are cheap to compile.
+The per-kind terms (f, a) are :func:`askd_kernels._triton_math.divergence_terms`, whose docstring
+has the table of formulas. The forward allocates four fp32 vectors of length B·T; the backward only
+the gradient.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._triton_math import log_mixture, row_logsumexp
-from .row_stats import NUM_WARPS, vocab_block
+from .._triton_math import NUM_WARPS, divergence_terms, row_logsumexp, vocab_block
 
 KINDS = {"fkl": 0, "rkl": 1, "skl": 2, "srkl": 3, "jsd": 4, "tvd": 5}
-
-
-# ---- per-kind math: (f-terms, a) of one block; x = log q, y = log p, la/lb = log w_q, log w_p ----
-@triton.jit
-def _fkl(x, y, q, p):
-    return tl.where(p > 0.0, p * (y - x), 0.0), -p
-
-
-@triton.jit
-def _rkl(x, y, q, p):
-    a = tl.where(q > 0.0, q * (x - y), 0.0)
-    return a, a
-
-
-@triton.jit
-def _skl(x, y, q, p, la, lb):
-    log_m = log_mixture(la + x, lb, y)
-    value = tl.where(p > 0.0, p * (y - log_m), 0.0)
-    # α q/m; at α = 0 exp(−inf) = 0. Both p, q > 0 keeps log m finite.
-    a = tl.where((p > 0.0) & (q > 0.0), -p * tl.exp(la + x - log_m), 0.0)
-    return value, a
-
-
-@triton.jit
-def _srkl(x, y, q, p, la, lb):
-    log_m = log_mixture(la + x, lb, y)
-    d = x - log_m
-    skew = tl.where(p > 0.0, tl.exp(lb + y - log_m), 0.0)  # (1−α) p/m
-    return tl.where(q > 0.0, q * d, 0.0), tl.where(q > 0.0, q * (d + skew), 0.0)
-
-
-@triton.jit
-def _jsd(x, y, q, p, la, lb):
-    log_m = log_mixture(la + x, lb, y)
-    w_q = tl.exp(la)
-    student = tl.where(q > 0.0, w_q * q * (x - log_m), 0.0)
-    value = tl.where(p > 0.0, tl.exp(lb) * p * (y - log_m), 0.0) + student
-    return value, student
-
-
-@triton.jit
-def _tvd(x, y, q, p):
-    return 0.5 * tl.abs(p - q), tl.where(q > p, 0.5 * q, tl.where(q < p, -0.5 * q, 0.0))
-
-
-@triton.jit
-def _kind_terms(x, y, la, lb, KIND: tl.constexpr):
-    """(f-terms, a) of a block for the kind; columns with x = y = −inf give (0, 0)."""
-    q = tl.exp(x)
-    p = tl.exp(y)
-    if KIND == 0:
-        value, a = _fkl(x, y, q, p)
-    elif KIND == 1:
-        value, a = _rkl(x, y, q, p)
-    elif KIND == 2:
-        value, a = _skl(x, y, q, p, la, lb)
-    elif KIND == 3:
-        value, a = _srkl(x, y, q, p, la, lb)
-    elif KIND == 4:
-        value, a = _jsd(x, y, q, p, la, lb)
-    else:
-        value, a = _tvd(x, y, q, p)
-    return value, a, q
 
 
 # ---- shared row plumbing of the two kernels --------------------------------------------------
@@ -163,7 +75,7 @@ def _divergence_forward_kernel(
     row_sum = tl.zeros([], dtype=tl.float32)
     for i in range(0, n_blocks):
         x, y = _block_log_probs(s_row, stride_sv, w_row, stride_wv, i * BLOCK + cols, V, inv_tau, lse_s, lse_t)
-        v, a, _q = _kind_terms(x, y, la, lb, KIND)
+        v, a, _q = divergence_terms(x, y, la, lb, KIND)
         value += tl.sum(v, axis=0)
         row_sum += tl.sum(a, axis=0)
     tl.store(VALUE + row, value)  # 0 for inactive rows: their loop is empty
@@ -195,7 +107,7 @@ def _divergence_backward_kernel(
     for i in range(0, tl.cdiv(V_s, BLOCK)):
         offs = i * BLOCK + cols
         x, y = _block_log_probs(s_row, stride_sv, w_row, stride_wv, offs, n_read, inv_tau, lse_s, lse_t)
-        _v, a, q = _kind_terms(x, y, la, lb, KIND)  # columns ≥ V: q = a = 0, gradient 0
+        _v, a, q = divergence_terms(x, y, la, lb, KIND)  # columns ≥ V: q = a = 0, gradient 0
         grad = scale * (a - q * row_sum)
         tl.store(g_row + offs, grad.to(GRAD.dtype.element_ty), mask=offs < V_s)
 

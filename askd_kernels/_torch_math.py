@@ -1,0 +1,84 @@
+"""The building blocks of the CPU paths, in PyTorch: the same math as :mod:`._triton_math`, with the
+same signatures where a block exists in both.
+
+* :func:`row_chunks` — the one chunking rule of the CPU paths: rows are processed
+  ``chunk_rows(V)`` at a time, so the temporaries of a call are a few chunks of rows × vocab in fp32,
+  never tokens × vocab.
+* :func:`log_prob_at` — ``log softmax(z/τ)[y]`` and ``logsumexp(z/τ)`` of a chunk of rows.
+* :func:`log_mixture` — ``log(α·e^0 + (1−α)·e^x)`` written as ``logaddexp(log α, log(1−α) + x)``.
+* :func:`divergence_terms` — per-column terms of the full-vocabulary divergences.
+"""
+import torch
+
+# fp32 elements of one chunk's temporaries (16 MiB each); tests lower it to force several chunks.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def chunk_rows(n_cols: int) -> int:
+    """Rows per chunk for rows of ``n_cols`` entries: ``CHUNK_ELEMENTS // n_cols``, at least 1."""
+    return max(1, CHUNK_ELEMENTS // max(1, n_cols))
+
+
+def row_chunks(rows: torch.Tensor, n: int, n_cols: int):
+    """Yield ``(index, sel)`` per chunk of the selected ``rows`` (a 1-D index tensor) of an ``n``-row
+    matrix with ``n_cols`` columns.
+
+    ``index`` holds the chunk's row numbers; ``sel`` indexes the matrix with them: a slice when every
+    row is selected (views, no copies) and the index tensor itself otherwise.
+    """
+    everything = rows.numel() == n
+    step = chunk_rows(n_cols)
+    for start in range(0, rows.numel(), step):
+        part = slice(start, min(rows.numel(), start + step))
+        yield rows[part], (part if everything else rows[part])
+
+
+def scaled_fp32(rows: torch.Tensor, inv_tau: float) -> torch.Tensor:
+    """``rows / τ`` in fp32, copying only when the dtype or the temperature requires it."""
+    return rows if inv_tau == 1.0 and rows.dtype == torch.float32 else rows.float() * inv_tau
+
+
+def log_prob_at(rows, labels, inv_tau):
+    """``(log softmax(rows/τ)[label], logsumexp(rows/τ))`` for a chunk; labels ≥ width give −inf."""
+    x = scaled_fp32(rows, inv_tau)
+    inside = (labels >= 0) & (labels < x.shape[-1])
+    safe = torch.where(inside, labels, 0).unsqueeze(-1)
+    log_prob = torch.log_softmax(x, dim=-1).gather(-1, safe).squeeze(-1)  # one fused pass
+    x_at = x.gather(-1, safe).squeeze(-1)
+    lse = x_at - log_prob
+    masked = torch.isinf(x_at)  # a −inf logit at the label: recover the log-sum-exp directly
+    if masked.any():
+        lse[masked] = torch.logsumexp(x[masked], dim=-1)
+    return torch.where(inside, log_prob, float("-inf")), lse
+
+
+def log_mixture(log_a, log_1ma, x):
+    """``log(e^{log_a} + e^{log_1ma + x})``; see :func:`askd_kernels._triton_math.log_mixture`.
+    ``torch.logaddexp`` is exact when one side is −inf, so α ∈ {0, 1} are exact."""
+    return torch.logaddexp(log_a, log_1ma + x)
+
+
+def divergence_terms(x, y, la, lb, kind: str):
+    """``(f-terms, a, q)`` of a chunk for the divergence ``kind``; x = log q, y = log p, ``la``/``lb``
+    the log weights of q and p in the mixture (broadcast against x). The formulas and their guards
+    are those of :func:`askd_kernels._triton_math.divergence_terms`."""
+    q, p = x.exp(), y.exp()
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    if kind == "fkl":
+        return torch.where(p > 0, p * (y - x), zero), -p, q
+    if kind == "rkl":
+        a = torch.where(q > 0, q * (x - y), zero)
+        return a, a, q
+    if kind == "tvd":
+        return 0.5 * (p - q).abs(), 0.5 * q * torch.sign(q - p), q
+    log_m = log_mixture(la + x, lb, y)
+    if kind == "skl":
+        value = torch.where(p > 0, p * (y - log_m), zero)
+        return value, torch.where((p > 0) & (q > 0), -p * torch.exp(la + x - log_m), zero), q
+    if kind == "srkl":
+        d = x - log_m
+        skew = torch.where(p > 0, torch.exp(lb + y - log_m), zero)  # (1−α) p/m
+        return torch.where(q > 0, q * d, zero), torch.where(q > 0, q * (d + skew), zero), q
+    # jsd, 0 < β < 1: w_q = 1 − β = e^{la}, w_p = β = e^{lb}
+    student = torch.where(q > 0, la.exp() * q * (x - log_m), zero)
+    return torch.where(p > 0, lb.exp() * p * (y - log_m), zero) + student, student, q

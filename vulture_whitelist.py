@@ -1,0 +1,14 @@
+"""Names ``vulture askd_kernels vulture_whitelist.py`` would report as unused but that are used from
+outside the package (public API, framework hooks). Not imported by anything; vulture reads it."""
+from askd_kernels.askd.api import ASKDLoss
+from askd_kernels.askd.fused_linear import askd_loss_from_hidden
+from askd_kernels.integrations import hf
+
+ASKDLoss.extra_repr             # nn.Module hook: shown by repr(module)
+hf.Rollouts.prompt_index        # public field of the rollouts (which prompt a response answers)
+hf.Rollouts.advantage           # public field: the normalised reward r̂
+hf.ASKDDistiller.epoch          # public method: one epoch of Algorithm 1
+hf.__getattr__                  # module hook: ASKDTrainer is created lazily (transformers optional)
+_.compute_loss                  # noqa: F821 - Trainer hook overridden by ASKDTrainer
+_.num_items_in_batch            # noqa: F821 - Trainer hook's argument
+askd_loss_from_hidden.__signature__  # read by inspect.signature / help()
