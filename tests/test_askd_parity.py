@@ -4,7 +4,7 @@ sizes, V not a multiple of the block, T = 1, B = 1, V_s ≠ V_t both ways) and e
 """
 import pytest
 import torch
-from _cases import logits_and_labels
+from _inputs import logits_and_labels
 from _compare import assert_no_worse
 from _backends import use_triton_on_cpu
 from hypothesis import HealthCheck, given, settings
@@ -100,7 +100,7 @@ def test_parity_triton_kernels(monkeypatch, case):
 
 
 @pytest.mark.parametrize("estimator", ["exact", "paper", "sequence"])
-def test_parity_long_sequence_triton(backend, estimator):
+def test_parity_long_sequence(backend, estimator):
     """T far beyond one scan chunk, with γ < 1, length normalisation and holes in the mask."""
     g = torch.Generator().manual_seed(7)
     B, T, V = 2, 150, 5

@@ -9,7 +9,7 @@ ways) and every option: all six kinds × fp32/bf16/fp16 × α/β including 0 and
 import pytest
 import torch
 from _backends import use_triton_on_cpu
-from _cases import DTYPES, logits_and_labels
+from _inputs import DTYPES, logits_and_labels, problem
 from _compare import assert_no_worse
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -133,12 +133,7 @@ def test_parity_triton_kernels(monkeypatch, kind, data):
 
 # ---- deterministic cases, once per backend ------------------------------------------------------
 def _inputs(B=2, T=3, V_s=37, V_t=37, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    student = (torch.randn(B, T, V_s, generator=g) * 2).to(dtype)
-    teacher = (torch.randn(B, T, V_t, generator=g) * 2).to(dtype)
-    labels = torch.randint(0, V_s, (B, T), generator=g)
-    labels[0, -1] = -100
-    return student, teacher, labels
+    return problem(seed, B, T, V_s, V_t, dtype=dtype, scale=2.0, ignore=[(0, -1)])
 
 
 def _value_and_grad(student, teacher, labels, upstream=1.0, **kw):

@@ -14,6 +14,7 @@ import itertools
 import pytest
 import torch
 
+import askd_kernels as ak
 import reference
 
 V, T = 3, 3
@@ -58,9 +59,6 @@ def op(request, monkeypatch):
                                               reduction="none", dtype=torch.float64, **kw)
             return loss
     else:
-        ak = pytest.importorskip("askd_kernels")
-        if getattr(ak, "__file__", None) is None:  # a bare namespace dir: the package is not written yet
-            pytest.skip("askd_kernels has no __init__.py yet")
         monkeypatch.setenv("ASKD_KERNELS_BACKEND", impl)
 
         def call(student_logits, teacher_logits, **kw):

@@ -8,6 +8,7 @@ compiled kernels at production shapes: a Qwen2-sized vocabulary (V_s = 151936, V
 import pytest
 import torch
 from _compare import assert_no_worse
+from _inputs import problem
 
 import askd_kernels as ak
 from reference import askd_loss_ref
@@ -17,11 +18,9 @@ CUDA = torch.device("cuda")
 
 
 def _inputs(B, T, V_s, V_t, dtype, seed=0):
-    g = torch.Generator(device=CUDA).manual_seed(seed)
-    student = (torch.randn(B, T, V_s, device=CUDA, generator=g) * 2).to(dtype)
-    teacher = (torch.randn(B, T, V_t, device=CUDA, generator=g) * 2).to(dtype)
-    labels = torch.randint(0, V_s, (B, T), device=CUDA, generator=g)
-    labels[:, :3] = -100
+    student, teacher, labels = problem(seed, B, T, V_s, V_t, dtype=dtype, scale=2.0,
+                                       ignore=[(slice(None), slice(0, 3))], device=CUDA)
+    g = torch.Generator(device=CUDA).manual_seed(seed + 1)
     sgo = torch.arange(B, device=CUDA) % 2 == 0
     alpha = torch.rand(B, device=CUDA, generator=g)
     return student, teacher, labels, sgo, alpha

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _compare import assert_no_worse
+from _inputs import problem
 
 import askd_kernels as ak
 from reference import askd_loss_ref
@@ -21,15 +22,7 @@ IGNORE = -100
 
 def _problem(seed, B=2, T=6, V_s=13, V_t=None, *, dtype=torch.float32, scale=1.0, holes=True):
     """Random student/teacher logits and labels with a few ignored positions (fixed seed)."""
-    g = torch.Generator().manual_seed(seed)
-    V_t = V_s if V_t is None else V_t
-    student = (torch.randn(B, T, V_s, generator=g) * scale).to(dtype)
-    teacher = (torch.randn(B, T, V_t, generator=g) * scale).to(dtype)
-    labels = torch.randint(0, V_s, (B, T), generator=g)
-    if holes:
-        labels[0, 1] = IGNORE
-        labels[-1, -1] = IGNORE
-    return student, teacher, labels
+    return problem(seed, B, T, V_s, V_t, dtype=dtype, scale=scale, ignore=[(0, 1), (-1, -1)] if holes else ())
 
 
 def _run(student, labels, teacher=None, *, upstream=None, **kw):

@@ -1,5 +1,5 @@
-"""Hypothesis building blocks shared by the parity tests (``test_askd_parity.py``,
-``test_divergence_parity.py``)."""
+"""The input builders every test file shares: random logits and labels with a fixed seed
+(:func:`problem`) and the hypothesis strategy of the parity tests (:func:`logits_and_labels`)."""
 import torch
 from hypothesis import strategies as st
 
@@ -21,3 +21,18 @@ def logits_and_labels(draw, *, max_T):
     student = (torch.randn(B, T, V_s, generator=g) * scale).to(dtype)
     teacher = (torch.randn(B, T, V_t, generator=g) * scale).to(dtype)
     return g, student, teacher, torch.randint(0, V_s, (B, T), generator=g)
+
+
+def problem(seed, B=2, T=6, V_s=13, V_t=None, *, dtype=torch.float32, scale=1.0, ignore=(), device="cpu"):
+    """Student ``[B, T, V_s]`` and teacher ``[B, T, V_t]`` logits (standard normal × ``scale``, in
+    ``dtype``; V_t defaults to V_s) and labels in ``[0, V_s)``, drawn in that order from a generator
+    seeded with ``seed`` on ``device``. Labels at each index of ``ignore`` (e.g. ``(0, -1)`` or
+    ``(slice(None), slice(0, 3))``) are set to −100."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    V_t = V_s if V_t is None else V_t
+    student = (torch.randn(B, T, V_s, generator=g, device=device) * scale).to(dtype)
+    teacher = (torch.randn(B, T, V_t, generator=g, device=device) * scale).to(dtype)
+    labels = torch.randint(0, V_s, (B, T), generator=g, device=device)
+    for index in ignore:
+        labels[index] = -100
+    return student, teacher, labels
