@@ -4,16 +4,16 @@ Plain PyTorch, no chunking, no custom autograd: the log-softmaxes are materialis
 whole vocabulary and the loss is an expression over them. Run eagerly each function is the "eager"
 provider of the benchmark; wrapped in ``torch.compile`` it is the "compile" provider.
 
-* ``askd_loss_torch`` — ASKD (SPEC §1–4) for the benchmark case only: estimator "exact", γ = 1,
+* ``askd_loss_torch`` — ASKD (``docs/contract.md`` §1–4) for the benchmark case only: estimator "exact", γ = 1,
   τ = 1, no clipping, no importance sampling, ``reduction="mean"``, one vocabulary. The per-token
   quantities of §2 are gathered from the two log-softmaxes, the returns G of §3 come from a reverse
   cumulative sum, and the gradient of §4 from the usual REINFORCE surrogate
   ``value + (S - S.detach())`` with ``S = -Σ λ.detach() · log q``.
-* ``fkl_torch`` … ``tvd_torch`` (``DIVERGENCES[kind]``) — the full-vocabulary family of SPEC §6, one
-  function per kind, ``reduction="mean"`` over the valid tokens, no clipping, differentiated by
-  autograd. One function (one code object) per kind on purpose: ``torch.compile`` caches compiled
-  graphs per code object, so a single function switching on ``kind`` would spend its recompile
-  limit on the six kinds.
+* ``fkl_torch`` … ``tvd_torch`` (``DIVERGENCES[kind]``) — the full-vocabulary family of
+  ``docs/contract.md`` §6, one function per kind, ``reduction="mean"`` over the valid tokens, no
+  clipping, differentiated by autograd. One function (one code object) per kind on purpose:
+  ``torch.compile`` caches compiled graphs per code object, so a single function switching on
+  ``kind`` would spend its recompile limit on the six kinds (their shared steps are helpers).
 * ``askd_loss_from_hidden_torch`` — the last layer's matmuls (``hidden @ weight.T``, in the inputs'
   dtype) materialising both logits, then ``askd_loss_torch``; the gradient reaches the student's
   hidden states and weight.
@@ -66,7 +66,7 @@ def askd_loss_torch(
 
 
 # ----------------------------------------------------------------------------------------------
-# the full-vocabulary divergences (SPEC §6)
+# the full-vocabulary divergences (docs/contract.md §6)
 
 
 def _log_probs(student_logits, teacher_logits, temperature):
@@ -83,12 +83,13 @@ def _mean_over_valid(per_token, labels, ignore_index):
     return torch.where(valid, per_token, 0.0).sum() / valid.sum().clamp(min=1)
 
 
-def _log_weights(alpha, like):
-    """log α and log(1 − α) of a [B] (or scalar) α, shaped to broadcast over [B, T, V]."""
-    a = torch.as_tensor(alpha, dtype=torch.float32, device=like.device)
+def _skew_log_probs(student_logits, teacher_logits, alpha, temperature):
+    """log q, log p and log m of the skewed mixture m = α q + (1−α) p, for a [B] (or scalar) α."""
+    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature)
+    a = torch.as_tensor(alpha, dtype=torch.float32, device=log_q.device)
     if a.dim() == 1:
         a = a[:, None, None]
-    return torch.log(a), torch.log1p(-a)
+    return log_q, log_p, torch.logaddexp(torch.log(a) + log_q, torch.log1p(-a) + log_p)
 
 
 def fkl_torch(student_logits, teacher_logits, labels, *, alpha=None, beta=0.5, temperature=1.0,
@@ -110,9 +111,7 @@ def rkl_torch(student_logits, teacher_logits, labels, *, alpha=None, beta=0.5, t
 def skl_torch(student_logits, teacher_logits, labels, *, alpha, beta=0.5, temperature=1.0,
               ignore_index=-100):
     """Σ p log(p/m), m = α q + (1−α) p."""
-    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature)
-    log_a, log_1ma = _log_weights(alpha, log_q)
-    log_m = torch.logaddexp(log_a + log_q, log_1ma + log_p)
+    log_q, log_p, log_m = _skew_log_probs(student_logits, teacher_logits, alpha, temperature)
     per_token = (log_p.exp() * (log_p - log_m)).sum(-1)
     return _mean_over_valid(per_token, labels, ignore_index)
 
@@ -120,9 +119,7 @@ def skl_torch(student_logits, teacher_logits, labels, *, alpha, beta=0.5, temper
 def srkl_torch(student_logits, teacher_logits, labels, *, alpha, beta=0.5, temperature=1.0,
                ignore_index=-100):
     """Σ q log(q/m), m = α q + (1−α) p (differentiated through q inside m too)."""
-    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature)
-    log_a, log_1ma = _log_weights(alpha, log_q)
-    log_m = torch.logaddexp(log_a + log_q, log_1ma + log_p)
+    log_q, log_p, log_m = _skew_log_probs(student_logits, teacher_logits, alpha, temperature)
     per_token = (log_q.exp() * (log_q - log_m)).sum(-1)
     return _mean_over_valid(per_token, labels, ignore_index)
 

@@ -1,25 +1,27 @@
 #!/usr/bin/env bash
-# Everything a lent GPU should do, in one `device` call of at most 10 minutes (see the README's
-# Benchmarks section):
-#   run(command="BENCH_GIT_COMMIT=<git rev-parse --short HEAD, here> bash bench/gpu_run.sh", timeout_s=600)
-# (the commit written in literally: the device may get a copy of the working tree without .git). Add
-# carry=[".whl"] to bring wheels that the device image lacks, e.g. liger-kernel for the "liger"
-# provider: they are installed into /tmp/site first.
+# Everything a GPU machine should do, in one call of at most 10 minutes (see docs/benchmarks.md,
+# "On a GPU"):
+#   BENCH_GIT_COMMIT=<git rev-parse --short HEAD, here> bash bench/gpu_run.sh
+# (the commit written in literally: the GPU machine may get a copy of the working tree without .git).
+# Wheels put in .whl/ (e.g. liger-kernel for the "liger" provider) are installed into /tmp/site first.
 #
 # 1. the real-GPU tests (tests/test_gpu.py);
-# 2. the core issue's case (python -m bench --case askd-core) and its targets;
+# 2. the headline case (python -m bench --grid askd-core) and its targets, logged, not saved;
 # 3. the GPU grid (python -m bench --grid gpu) with the time that is left as its budget: cells that
-#    would start past it are recorded as "skipped" (the largest shapes go first);
-# 4. plots and summary.md of the grid's results folder.
-# With $OUT set (the device tool), the logs go there and bench/results/gpu/ comes back as one
-# tarball, bench-results-gpu.tar.gz: unpack it with `tar xzf .../bench-results-gpu.tar.gz -C bench/results`
-# and commit bench/results/gpu/. Run by hand on a GPU machine, everything stays under bench/results/.
+#    would start past it are recorded as "skipped" (the largest shapes go first), appended to the
+#    committed results, $BENCH_RESULTS_ROOT/gpu/<device>/results.csv (default root bench/results);
+# 4. plots and summary.md of those results folders.
+# With $OUT set (a folder that is sent back), the logs go there and $BENCH_RESULTS_ROOT/gpu/ comes
+# back as one tarball, bench-results-gpu.tar.gz: unpack it with
+# `tar xzf .../bench-results-gpu.tar.gz -C bench/results` and commit bench/results/gpu/. Run by hand
+# on a GPU machine, everything stays under $BENCH_RESULTS_ROOT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 start=$SECONDS
-limit="${BENCH_GPU_LIMIT_S:-585}"  # the device call's 600 s, less a margin for sending $OUT back
-# (BENCH_GPU_GRID=tiny runs the script through on a CPU machine, to check it)
-logs="${OUT:-bench/results/gpu/logs}"
+limit="${BENCH_GPU_LIMIT_S:-585}"  # the 10-minute call, less a margin for sending $OUT back
+# (BENCH_GPU_GRID=tiny BENCH_RESULTS_ROOT=/tmp/r runs the script through on a CPU machine, to check it)
+root="${BENCH_RESULTS_ROOT:-bench/results}"
+logs="${OUT:-$root/gpu/logs}"
 mkdir -p "$logs"
 stamp="$(date -u +%Y%m%dT%H%M%SZ)"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -44,25 +46,26 @@ PY
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
 } 2>&1 | tee "$logs/env-$stamp.txt"
 
-# 1. the real-GPU tests, then the rest of the suite (CPU tensors take the torch path here)
+# 1. the real-GPU tests
 timeout 240 python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tee "$logs/gpu-tests-$stamp.txt"
-# 2. the core benchmark case (B=8, T=2048, V=151936, bf16) against eager and torch.compile
-timeout 150 python3 -m bench --case askd-core --out "$logs/askd-core-$stamp.jsonl" 2>&1 \
+# 2. the headline case (askd_loss, B=8, T=2048, V=151936, bf16) against eager and torch.compile
+timeout 150 python3 -m bench --grid askd-core --no-save --no-progress --out "$logs/askd-core-$stamp.jsonl" 2>&1 \
   | tee "$logs/bench-askd-core-$stamp.txt"
 # 3. the grid: measuring stops starting new cells at its budget; 45 s are kept for one cell's
 #    overrun, the plots and the tarball; `timeout` is the backstop (results are appended per cell)
 budget=$(( $(left) - 75 ))
 if (( budget > 30 )); then
-  timeout $(( budget + 45 )) python3 -m bench --grid "${BENCH_GPU_GRID:-gpu}" --budget-s "$budget" --no-progress --no-plot 2>&1 \
+  timeout $(( budget + 45 )) python3 -m bench --grid "${BENCH_GPU_GRID:-gpu}" --budget-s "$budget" \
+    --results-root "$root" --no-progress --no-plot 2>&1 \
     | tee "$logs/bench-grid-$stamp.txt"
 else
   echo "no time left for the grid ($(left) s)" | tee "$logs/bench-grid-$stamp.txt"
 fi
 # 4. plots + summary.md of every GPU results folder (the latest run of each)
-for dir in bench/results/gpu/*/; do
+for dir in "$root"/gpu/*/; do
   [[ -f "$dir/results.csv" ]] && timeout 60 python3 -m bench.plot "$dir" 2>&1 | tee -a "$logs/bench-grid-$stamp.txt"
 done
-if [[ -n "${OUT:-}" ]] && compgen -G "bench/results/gpu/*/results.csv" >/dev/null; then
-  tar czf "$OUT/bench-results-gpu.tar.gz" -C bench/results --exclude=logs gpu
+if [[ -n "${OUT:-}" ]] && compgen -G "$root/gpu/*/results.csv" >/dev/null; then
+  tar czf "$OUT/bench-results-gpu.tar.gz" -C "$root" --exclude=logs gpu
 fi
 echo "gpu_run.sh: $(( SECONDS - start )) s"

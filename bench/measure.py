@@ -1,7 +1,7 @@
 """Timing, copy bandwidth and peak-memory measurement, on CUDA and on CPU.
 
 * ``time_ms`` — p20/p50/p80 of one callable: ``triton.testing.do_bench`` on CUDA (L2 flushed between
-  runs), wall clock after a warm-up on CPU.
+  runs), wall clock after a warm-up on CPU; ``copy_bandwidth_gbps`` uses it for the roofline.
 * ``time_modes`` — forward, backward and forward+backward of a loss. CUDA: forward and full through
   ``do_bench``; backward in a loop of its own (each rep runs an untimed forward, flushes L2 the way
   ``do_bench`` does, and times ``loss.backward()`` between CUDA events), since ``do_bench`` cannot
@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import os
 import sys
@@ -67,16 +68,9 @@ def _quantiles(samples: Sequence[float], qs: Sequence[float]) -> list[float]:
     return out
 
 
-def time_ms(
-    fn: Callable[[], object],
-    device: torch.device,
-    *,
-    grad_to_none: Sequence[torch.Tensor] = (),
-    rep_ms: float = 1000.0,
-    min_reps: int = 5,
-    max_reps: int = 1000,
-) -> list[float]:
-    """[p20, p50, p80] in milliseconds of ``fn()``, with the ``.grad`` of ``grad_to_none`` reset first.
+def time_ms(fn: Callable[[], object], device: torch.device, *, rep_ms: float = 1000.0, min_reps: int = 5,
+            max_reps: int = 1000) -> list[float]:
+    """[p20, p50, p80] in milliseconds of ``fn()`` (the copy-bandwidth probe).
 
     CUDA: ``triton.testing.do_bench`` (it flushes L2 between runs). CPU: wall clock after one
     warm-up call, repeated until ``rep_ms`` has elapsed (at least ``min_reps`` times).
@@ -84,14 +78,9 @@ def time_ms(
     if device.type == "cuda":
         from triton.testing import do_bench
 
-        return list(
-            do_bench(fn, warmup=max(25, int(rep_ms / 10)), rep=int(rep_ms),
-                     grad_to_none=list(grad_to_none), quantiles=list(QUANTILES))
-        )
+        return list(do_bench(fn, warmup=max(25, int(rep_ms / 10)), rep=int(rep_ms), quantiles=list(QUANTILES)))
 
     def once() -> float:
-        for t in grad_to_none:
-            t.grad = None
         start = time.perf_counter()
         fn()
         return (time.perf_counter() - start) * 1e3
@@ -203,7 +192,7 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int, rep_ms: float = 500.0
     """Device-to-device copy bandwidth, GB/s (1e9), counting bytes read + bytes written."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
-    p50 = time_ms(lambda: dst.copy_(src), device, rep_ms=rep_ms)[1]
+    p50 = time_ms(functools.partial(dst.copy_, src), device, rep_ms=rep_ms)[1]
     moved = 2 * src.numel() * src.element_size()
     del src, dst
     free_memory(device, collect=False)
@@ -294,10 +283,3 @@ def peak_memory_modes(forward: Callable[[], torch.Tensor], device: torch.device)
     full = None if fwd_peak is None or bwd_peak is None else max(fwd_peak, fwd_held + bwd_peak)
     return {"forward": fwd_peak, "backward": bwd_peak, "full": full}
 
-
-def peak_memory(
-    forward: Callable[[], torch.Tensor], device: torch.device
-) -> tuple[int | None, int | None]:
-    """(forward peak, forward+backward peak), bytes; see ``peak_memory_modes``."""
-    peaks = peak_memory_modes(forward, device)
-    return peaks["forward"], peaks["full"]

@@ -4,7 +4,7 @@ An ``Op`` is one public loss of ``askd_kernels`` (``askd_loss``; ``divergence_lo
 ``askd_loss_from_hidden``). For a ``Shape`` and dtype it builds a ``Case`` (the input tensors and the
 leaves that get a gradient) and, per provider, a loss function ``Case -> scalar loss``:
 
-* ``ours``    — the ``askd_kernels`` function (Triton on CUDA, the chunked PyTorch path on CPU); for
+* ``ours``    — the public ``askd_kernels`` function (Triton on CUDA, the chunked PyTorch path on CPU); for
   ``askd_loss_from_hidden`` the teacher's side is ``token_logprobs`` of its hidden states and head;
 * ``eager``   — the straightforward PyTorch loss of ``bench/baselines.py``;
 * ``compile`` — ``torch.compile`` of that same function (``dynamic=True``: one compilation per op
@@ -14,10 +14,12 @@ leaves that get a gradient) and, per provider, a loss function ``Case -> scalar 
   log-probabilities or probabilities, so the fp32 log-softmaxes are materialised first, as its users
   do); an optional import, CUDA only.
 
-A provider that cannot run raises ``Unavailable`` with the reason, which the grid records.
+A provider that cannot run an op here (Liger-Kernel: not installed, not on CUDA, no such loss) raises
+``Unavailable`` with the reason, which the grid records. ``askd_kernels`` itself is a hard import: if
+it fails, the benchmark fails.
 
-The roofline (``bytes_moved``) is the minimum memory traffic of the op per mode, with e the bytes of
-one logit, N tokens, V the vocabulary (H the hidden size):
+The roofline (``Op.bytes_moved``, the benchmark's only traffic model) is the minimum memory traffic
+of the op per mode, with e the bytes of one logit, N tokens, V the vocabulary (H the hidden size):
 
 ==================== ================ ================ ================
 op                   forward          backward         full
@@ -38,10 +40,12 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+import askd_kernels as ak
 
 from . import baselines
 
@@ -95,7 +99,6 @@ class Case:
     tensors: dict[str, torch.Tensor]
     leaves: list[torch.Tensor]  # inputs that get a gradient; leaves[0]'s gradient is cross-checked
     has_ignored: bool = False  # some labels are ignore_index (known without a device sync)
-    extra: dict = field(default_factory=dict)
 
 
 LossFn = Callable[[Case], torch.Tensor]
@@ -165,16 +168,6 @@ def _compiled(key: str, fn: Callable) -> Callable:
     return _COMPILED[key]
 
 
-def _askd_kernels(function: str):
-    try:
-        import askd_kernels
-    except ImportError as error:
-        raise Unavailable(f"askd_kernels does not import: {error}") from None
-    if not hasattr(askd_kernels, function):
-        raise Unavailable(f"askd_kernels has no {function} in this version")
-    return getattr(askd_kernels, function)
-
-
 def _liger_functional(device: torch.device):
     if importlib.util.find_spec("liger_kernel") is None:
         raise Unavailable("liger_kernel is not installed (optional: pip install liger-kernel)")
@@ -207,7 +200,7 @@ def _liger_loss(kind: str, device: torch.device) -> LossFn:
                 keep = labels != -100
                 log_q, log_p = log_q[keep], log_p[keep]
             return F.liger_kl_div(log_q, log_p, reduction="batchmean", log_target=True)
-    elif kind in ("rkl", "jsd"):  # its generalised JSD: β = 1 is reverse KL, as in SPEC §6
+    elif kind in ("rkl", "jsd"):  # its generalised JSD: β = 1 is reverse KL, as in docs/contract.md §6
         beta = 1.0 if kind == "rkl" else JSD_BETA
 
         def loss(x: Case) -> torch.Tensor:
@@ -235,17 +228,6 @@ class Op:
     def family(self) -> str:
         return "hidden" if self.function == "askd_loss_from_hidden" else "logits"
 
-    @property
-    def slug(self) -> str:
-        return self.id.replace(":", "-")
-
-    def available(self) -> bool:
-        try:
-            import askd_kernels
-        except ImportError:
-            return False
-        return hasattr(askd_kernels, self.function)
-
     def make_case(self, shape: Shape, dtype: torch.dtype, device: torch.device, *, seed: int = 0,
                   ignore_frac: float = 0.0) -> Case:
         build = hidden_case if self.family == "hidden" else logits_case
@@ -266,12 +248,10 @@ class Op:
         if provider == "liger":
             raise Unavailable("Liger-Kernel has no ASKD loss")
         if provider == "ours":
-            fn = _askd_kernels("askd_loss")
-
             def loss(x: Case) -> torch.Tensor:
                 t = x.tensors
-                return fn(t["student"], t["labels"], t["teacher"], student_generated=t["student_generated"],
-                          alpha=t["alpha"], reduction="mean")
+                return ak.askd_loss(t["student"], t["labels"], t["teacher"], student_generated=t["student_generated"],
+                                    alpha=t["alpha"], reduction="mean")
 
             return loss
         base = baselines.askd_loss_torch if provider == "eager" else _compiled(self.id, baselines.askd_loss_torch)
@@ -289,13 +269,11 @@ class Op:
         if provider == "liger":
             return _liger_loss(kind, device)
         if provider == "ours":
-            fn = _askd_kernels("divergence_loss")
-
             def loss(x: Case) -> torch.Tensor:
                 t = x.tensors
                 alpha = t["alpha"] if kind in ("skl", "srkl") else None
-                return fn(t["student"], t["teacher"], t["labels"], kind=kind, alpha=alpha, beta=JSD_BETA,
-                          reduction="mean")
+                return ak.divergence_loss(t["student"], t["teacher"], t["labels"], kind=kind, alpha=alpha,
+                                          beta=JSD_BETA, reduction="mean")
 
             return loss
         base = baselines.DIVERGENCES[kind]
@@ -347,15 +325,13 @@ class Op:
 def _ours_from_hidden() -> LossFn:
     """The teacher's token log-probs from its hidden states and head (``token_logprobs``, no
     gradient), then ``askd_loss_from_hidden`` on the student's: no tokens × vocab logits anywhere."""
-    fn = _askd_kernels("askd_loss_from_hidden")
-    token_logprobs = _askd_kernels("token_logprobs")
-
     def loss(x: Case) -> torch.Tensor:
         t = x.tensors
         with torch.no_grad():
-            teacher_logprobs = token_logprobs(t["teacher_hidden"], t["teacher_weight"], t["labels"])
-        return fn(t["student_hidden"], t["student_weight"], t["labels"], teacher_logprobs=teacher_logprobs,
-                  student_generated=t["student_generated"], alpha=t["alpha"], reduction="mean")
+            teacher_logprobs = ak.token_logprobs(t["teacher_hidden"], t["teacher_weight"], t["labels"])
+        return ak.askd_loss_from_hidden(t["student_hidden"], t["student_weight"], t["labels"],
+                                        teacher_logprobs=teacher_logprobs, student_generated=t["student_generated"],
+                                        alpha=t["alpha"], reduction="mean")
 
     return loss
 

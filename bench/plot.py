@@ -1,13 +1,15 @@
 """Plots and a markdown summary of a results folder: ``python -m bench.plot [FOLDER] [--run ID|latest|all]``.
 
-For the chosen run of ``FOLDER`` (default: every folder under ``bench/results/`` holding a
-``results.csv``) it writes, next to the CSV:
+For the chosen run of ``FOLDER`` (default: every ``<cpu|gpu>/<device>`` folder holding a ``results.csv``
+under ``bench/results/``, the committed results, and ``build/bench-results/``, the untracked ones) it
+writes, next to the CSV:
 
 * ``<op>-<dtype>.png`` per op: time (p50, with the p20–p80 band) and peak extra memory against the
   number of tokens (at the vocabulary with the most token counts) and against the vocabulary (at the
   token count with the most vocabularies), one line per provider, out-of-memory marked;
 * ``summary.md``: per op a table of time, speed-ups, achieved bandwidth and peak memory for the full
-  step (forward and backward in folded sections), the environment, and the plots.
+  step (forward and backward in folded sections), the environment, the plots, and the grid's targets
+  (``grid.Target``) where it has some.
 
 The markdown needs nothing beyond the standard library; the plots need matplotlib (the ``bench``
 extra), and are skipped with a note without it.
@@ -20,6 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from . import results as results_io
+from .grid import GRIDS, target_lines
 from .ops import MODELS, PROVIDERS
 
 MODE_TITLES = {"full": "Full step (forward + backward)", "forward": "Forward", "backward": "Backward"}
@@ -34,10 +37,6 @@ def op_label(r: dict) -> str:
 
 def _op_slug(r: dict) -> str:
     return op_label(r).replace(":", "-")
-
-
-def _shape_key(r: dict):
-    return (r["vocab"], r["tokens"], _MODEL_ORDER.get(r["model"], 99))
 
 
 def _groups(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
@@ -203,7 +202,7 @@ def summary_markdown(records: list[dict], *, modes=("full", "forward", "backward
     out += ["## At a glance", "",
             "The full step at each op's largest shape where ours ran (`ours × X` > 1: ours is faster; memory: "
             "peak extra MiB of the forward / of the full step).", "", glance_markdown(records), ""]
-    groups = _groups(records)
+    out += targets_markdown(records)
     for mode in modes:
         if not any(r["mode"] == mode for r in records):
             continue
@@ -212,19 +211,42 @@ def summary_markdown(records: list[dict], *, modes=("full", "forward", "backward
         out.append("")
         if folded:
             out += ["<details><summary>tables</summary>", ""]
-        for (label, dtype), rs in groups.items():
-            table, notes = table_markdown(rs, mode)
-            if not table:
-                continue
-            out += [f"### {label} ({dtype})", "", table, ""]
-            out += [f"* {n}" for n in notes]
-            if notes:
-                out.append("")
-            if mode == "full" and plots and (label, dtype) in plots:
-                out += [f"![{label} {dtype}]({plots[(label, dtype)]})", ""]
+        out += tables_markdown(records, mode, plots=plots if mode == "full" else None)
         if folded:
             out += ["</details>", ""]
     return "\n".join(out)
+
+
+def tables_markdown(records: list[dict], mode: str, *, plots: dict | None = None) -> list[str]:
+    """Per op and dtype: a heading, its table for ``mode``, its notes and its plot (if in ``plots``)."""
+    out = []
+    for (label, dtype), rs in _groups(records).items():
+        table, notes = table_markdown(rs, mode)
+        if not table:
+            continue
+        out += [f"### {label} ({dtype})", "", table, ""]
+        out += [f"* {n}" for n in notes]
+        if notes:
+            out.append("")
+        if plots and (label, dtype) in plots:
+            out += [f"![{label} {dtype}]({plots[(label, dtype)]})", ""]
+    return out
+
+
+def targets_markdown(records: list[dict]) -> list[str]:
+    """The targets of the records' grid (see ``grid.Target``) against ours' numbers; none without targets."""
+    grid = GRIDS.get(records[0].get("grid")) if records else None
+    if grid is None or not grid.targets:
+        return []
+    note = "" if records[0]["device"] == "cuda" else " The targets are set for CUDA; on a CPU they are informational."
+    return ["## Targets", "", f"Grid `{grid.name}`: {grid.description}.{note}", ""] + \
+        [f"* {line}" for line in target_lines(records, grid.targets)] + [""]
+
+
+def report_markdown(records: list[dict], mode: str) -> str:
+    """What ``python -m bench`` prints after a run: the tables of one mode, then the targets if any."""
+    return "\n".join([f"## {MODE_TITLES.get(mode, mode)}", ""] + tables_markdown(records, mode)
+                     + targets_markdown(records))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -370,15 +392,17 @@ def render(folder, *, run: str = "latest", mode: str = "full", plots: bool = Tru
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.plot", description=__doc__.split("\n\n")[0])
-    parser.add_argument("folders", nargs="*", help="results folders (default: every bench/results/*/* with a CSV)")
+    parser.add_argument("folders", nargs="*", help="results folders (default: every <cpu|gpu>/<device> folder "
+                        "with a results.csv under bench/results and build/bench-results)")
     parser.add_argument("--run", default="latest", help="run id, 'latest' (default) or 'all'")
     parser.add_argument("--mode", default="full", choices=tuple(MODE_TITLES), help="mode plotted (default full)")
     parser.add_argument("--no-plots", action="store_true", help="write summary.md only")
     args = parser.parse_args(argv)
+    roots = (results_io.RESULTS_ROOT, results_io.LOCAL_ROOT)
     folders = [Path(f) for f in args.folders] or sorted(
-        {p.parent for p in results_io.RESULTS_ROOT.glob(f"*/*/{results_io.RESULTS_FILE}")})
+        {p.parent for root in roots for p in root.glob(f"*/*/{results_io.RESULTS_FILE}")})
     if not folders:
-        parser.error(f"no results folders under {results_io.RESULTS_ROOT}")
+        parser.error(f"no results folders under {' or '.join(map(str, roots))}")
     for folder in folders:
         try:
             written = render(folder, run=args.run, mode=args.mode, plots=not args.no_plots)

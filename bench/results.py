@@ -1,10 +1,11 @@
 """Where results go and what a record holds: the environment, the CSV files, reading them back.
 
-Every grid run appends its records to ``bench/results/<cpu|gpu>/<device>/results.csv`` (CPU results
-are kept apart from GPU ones; ``<device>`` is a slug of the device name), one row per
-op × provider × mode × shape × dtype, each carrying the device name, torch/triton versions, git
-commit, date and the run's id. ``python -m bench.plot`` turns the latest run of such a folder into
-PNG plots and ``summary.md``.
+Every run appends its records to ``<root>/<cpu|gpu>/<device>/results.csv`` (CPU results are kept apart
+from GPU ones; ``<device>`` is a slug of the device name), one row per op × provider × mode × shape ×
+dtype (``FIELDS``), each carrying the grid's name, the device name, torch/triton versions, git commit,
+date and the run's id. ``<root>`` is ``build/bench-results`` (ignored by git) unless asked otherwise;
+the committed results live under ``bench/results`` (``python -m bench --results-root bench/results``).
+``python -m bench.plot`` turns the latest run of such a folder into PNG plots and ``summary.md``.
 """
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-RESULTS_ROOT = Path(__file__).resolve().parent / "results"
+RESULTS_ROOT = Path(__file__).resolve().parent / "results"  # committed results
+LOCAL_ROOT = Path(__file__).resolve().parent.parent / "build" / "bench-results"  # the default: untracked
 RESULTS_FILE = "results.csv"
 
-GRID_FIELDS = (
+FIELDS = (
     "run_id", "grid", "op", "kind", "provider", "mode", "model", "batch", "seq", "tokens", "vocab", "hidden",
     "dtype", "ignore_frac", "status", "error", "time_ms_p20", "time_ms_p50", "time_ms_p80", "reps",
     "first_call_s", "peak_bytes", "peak_bytes_per_token", "bytes_moved", "gbps", "copy_gbps", "pct_of_copy",
@@ -96,13 +98,13 @@ def slug(text: str, limit: int = 48) -> str:
     return text[:limit].rstrip("-") or "device"
 
 
-def results_dir(device: torch.device, name: str | None = None, root: Path | str = RESULTS_ROOT) -> Path:
+def results_dir(device: torch.device, name: str | None = None, root: Path | str = LOCAL_ROOT) -> Path:
     """``<root>/<cpu|gpu>/<slug of the device name>``."""
     kind = "gpu" if device.type == "cuda" else "cpu"
     return Path(root) / kind / slug(name or device_name(device))
 
 
-def append_records(path: str | os.PathLike, records: list[dict], fields=GRID_FIELDS) -> Path:
+def append_records(path: str | os.PathLike, records: list[dict], fields=FIELDS) -> Path:
     """Append records to ``path``: CSV if it ends in .csv (header on a new file), else JSON lines.
 
     A CSV whose header is not ``fields`` (an older schema) is left alone: the records go to

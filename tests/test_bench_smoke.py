@@ -1,120 +1,145 @@
 """The benchmark runs end to end on CPU and reports sane numbers (no timing thresholds here).
 
-The single case (``python -m bench --case askd-core``) and the grid (``python -m bench``) on toy
-shapes: records, out-of-memory and unavailable providers recorded as such, the time budget, the
-CSV files, the markdown summary and the plots.
+One harness (``bench/grid.py``): the headline case ``askd-core`` (``python -m bench --grid askd-core``)
+and the main grid (``python -m bench``) run through the same pipeline, measure -> derive -> write.
+Here on toy shapes: the records, out-of-memory, failing and unavailable providers recorded as such,
+the targets, the time budget, the CSV and JSON files, the markdown summary and the plots.
 """
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from bench import grid, ops, plot, results, runner
-
-
-def _ours_importable() -> bool:
-    try:
-        import askd_kernels
-
-        askd_kernels.askd_loss
-    except (ImportError, AttributeError):
-        return False
-    return True
-
-
-PROVIDERS = ("eager", "ours") if _ours_importable() else ("eager",)
-TINY = dict(device="cpu", batch=2, tokens=32, vocab=256, rep_ms=20, log=None)
+from bench import cli, grid, ops, plot, results
 
 
 def _positive_finite(value) -> bool:
     return value is not None and math.isfinite(value) and value > 0
 
 
-def test_tiny_cpu_run_reports_finite_numbers():
-    records = runner.run(providers=PROVIDERS, ignore_frac=0.25, **TINY)
-    assert [r["provider"] for r in records] == list(PROVIDERS)
+def _headline(**overrides):
+    """The headline grid on CPU at a toy shape (B=2, N=32, V=256), ours and eager."""
+    plan = grid.plan_grid("askd-core", device="cpu", providers=["ours", "eager"], batch=2, tokens=[32],
+                          vocabs=[256], **overrides)
+    return plan, grid.run_grid(plan, rep_ms=20, ignore_frac=0.25, progress=False, log=None)
+
+
+def test_headline_case_is_a_grid_entry_with_targets():
+    on_gpu = grid.GRIDS["askd-core"]
+    assert on_gpu.ops == ("askd_loss",) and on_gpu.dtypes == ("bf16",) and on_gpu.batch == 8
+    assert on_gpu.shapes == (("qwen2", 16384),) and ops.MODELS["qwen2"].vocab == 151936  # B=8 T=2048 V=151936
+    assert {t.column for t in on_gpu.targets} == {"pct_of_copy", "speedup_vs_eager", "speedup_vs_compile",
+                                                  "peak_bytes_per_token"}
+    assert set(results.FIELDS) >= {t.column for t in on_gpu.targets}
+    # without CUDA, the headline and the main grid run their CPU stand-ins
+    cpu = torch.device("cpu")
+    assert grid.resolve_grid("askd-core", cpu).name == "askd-core-cpu"
+    assert grid.resolve_grid("askd-core", cpu).targets == on_gpu.targets
+    assert grid.resolve_grid("auto", cpu).name == grid.resolve_grid("gpu", cpu).name == "cpu"
+    assert grid.resolve_grid("tiny", cpu).name == "tiny"
+
+
+def test_headline_case_reports_finite_numbers():
+    plan, records = _headline()
+    assert plan.grid.name == "askd-core-cpu"
+    assert [(r["provider"], r["mode"]) for r in records] == [(p, m) for p in ("ours", "eager")
+                                                             for m in ("forward", "backward", "full")]
     grad_bytes = 32 * 256 * 4
+    by = {(r["provider"], r["mode"]): r for r in records}
     for r in records:
         assert r["status"] == "ok", r["error"]
-        assert set(r) == set(runner.FIELDS)
+        assert set(r) == set(results.FIELDS)
+        assert (r["grid"], r["op"], r["batch"], r["seq"], r["vocab"], r["dtype"]) == (
+            "askd-core-cpu", "askd_loss", 2, 16, 256, "fp32")
         for key in ("time_ms_p20", "time_ms_p50", "time_ms_p80", "gbps", "pct_of_copy", "copy_gbps",
-                    "ours_speedup" if "ours" in PROVIDERS else "gbps", "first_call_s"):
-            assert _positive_finite(r[key]), (r["provider"], key, r[key])
+                    "speedup_vs_ours", "speedup_vs_eager", "first_call_s"):
+            assert _positive_finite(r[key]), (r["provider"], r["mode"], key, r[key])
         assert r["time_ms_p20"] <= r["time_ms_p50"] <= r["time_ms_p80"]
-        assert r["bytes_moved"] == 4 * 32 * 256 * 4
-        assert math.isfinite(r["loss"])
-        # Peak memory is measured (profiler allocation events), so it must see at least the gradient.
-        assert r["fwd_peak_bytes"] is not None and r["fwd_peak_bytes"] >= 0
-        assert r["fwdbwd_peak_bytes"] >= grad_bytes
-        assert r["fwd_bytes_per_token"] == r["fwd_peak_bytes"] / 32
-    if "ours" in PROVIDERS:
-        ours = records[PROVIDERS.index("ours")]
-        assert ours["loss_absdiff_vs_eager"] < 1e-4
-        assert ours["grad_reldiff_vs_eager"] < 1e-3
+        assert math.isfinite(r["loss"]) and r["ignore_frac"] == 0.25
+        # Peak memory is measured (profiler allocation events), so the full step must see the gradient.
+        assert r["peak_bytes"] is not None and r["peak_bytes"] >= 0
+        assert r["peak_bytes_per_token"] == r["peak_bytes"] / 32
+        assert r["bytes_moved"] == {"forward": 2, "backward": 2, "full": 4}[r["mode"]] * 32 * 256 * 4
+    assert by[("eager", "full")]["peak_bytes"] >= grad_bytes and by[("ours", "full")]["peak_bytes"] >= grad_bytes
+    ours = by[("ours", "full")]
+    assert ours["loss_reldiff_vs_eager"] < 1e-4 and ours["grad_reldiff_vs_eager"] < 1e-3
+    assert ours["speedup_vs_eager"] == pytest.approx(by[("eager", "full")]["time_ms_p50"] / ours["time_ms_p50"])
+
+    lines = grid.target_lines(records, plan.grid.targets)
+    assert len(lines) == 4
+    assert lines[0].startswith("askd_loss N=32 V=256 fp32, full: % of copy bandwidth ")
+    assert all(line.endswith((" ok", " MISS")) for line in lines[:2] + lines[3:])
+    assert "speed-up vs compile n/a" in lines[2]  # compile did not run
+    section = "\n".join(plot.targets_markdown(records))
+    assert section.startswith("## Targets") and "informational" in section
 
 
-def test_cpu_default_case_is_the_embedded_one():
-    (record,) = runner.run(device="cpu", providers=("eager",), rep_ms=20, log=None)
-    default = runner.CASES["askd-core"]["cpu"]
-    assert record["cpu_default"] is True
-    assert (record["batch"], record["seq"], record["vocab"], record["dtype"]) == (
-        default["batch"], default["seq"], default["vocab"], default["dtype"])
+def test_targets_are_checked_against_the_bound():
+    def row(mode, **values):
+        return {**dict.fromkeys(results.FIELDS), "provider": "ours", "op": "askd_loss", "mode": mode, "model": "qwen2",
+                "tokens": 16384, "vocab": 151936, "dtype": "bf16", "status": "ok", **values}
+
+    records = [row("full", pct_of_copy=85.0, speedup_vs_eager=3.0, speedup_vs_compile=None),
+               row("forward", peak_bytes_per_token=40.0)]
+    lines = grid.target_lines(records, grid.ASKD_CORE_TARGETS)
+    assert [line.rsplit(" ", 1)[-1] for line in lines] == ["ok", "MISS", "ok)", "ok"]
+    assert lines[2].endswith("speed-up vs compile n/a (ours: ok)")
+    assert "85.00% (target >= 80%)" in lines[0] and "40.00 (target <= 64)" in lines[3]
+    (first, *_rest) = grid.target_lines([], grid.ASKD_CORE_TARGETS)
+    assert first == "askd_loss, full: % of copy bandwidth n/a (no record of ours)"
+
+
+def test_cpu_default_headline_is_the_embedded_case():
+    plan = grid.plan_grid("askd-core", device="cpu", providers=["eager"], modes=["full"])
+    (shape,) = plan.shapes["askd_loss"]
+    assert (shape.batch, shape.seq, shape.vocab, plan.dtypes) == (2, 128, 8192, ["fp32"])
+    (record,) = grid.run_grid(plan, rep_ms=20, progress=False, log=None)
+    assert record["grid"] == "askd-core-cpu" and (record["batch"], record["seq"], record["vocab"]) == (2, 128, 8192)
     assert record["status"] == "ok" and _positive_finite(record["time_ms_p50"])
 
 
-def test_failing_providers_are_recorded_and_the_run_goes_on(monkeypatch):
-    def oom(_x):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.28 GiB")
-
-    def broken(_x):
-        raise RuntimeError("not supported here")
-
-    def missing():
-        raise ImportError("No module named 'askd_kernels'")
-
-    monkeypatch.setitem(runner.PROVIDERS, "oom", lambda: oom)
-    monkeypatch.setitem(runner.PROVIDERS, "broken", lambda: broken)
-    monkeypatch.setitem(runner.PROVIDERS, "missing", missing)
-    lines = []
-    records = runner.run(providers=("oom", "broken", "missing", "eager"), **{**TINY, "log": lines.append})
-    status = {r["provider"]: r["status"] for r in records}
-    assert status == {"oom": "OOM", "broken": "failed", "missing": "unavailable", "eager": "ok"}
-    assert "not supported here" in records[1]["error"]
-    assert records[0]["time_ms_p50"] is None and records[3]["time_ms_p50"] > 0
-    assert "OOM" in "\n".join(lines)
-
-
-def test_cli_appends_records(tmp_path):
-    args = ["--case", "askd-core", "--device", "cpu", "--batch", "2", "--tokens", "16", "--vocab", "128",
-            "--providers", "eager", "--rep-ms", "10"]
+def test_cli_appends_records(tmp_path, capsys):
+    args = ["--grid", "askd-core", "--device", "cpu", "--batch", "2", "--tokens", "16", "--vocab", "128",
+            "--providers", "eager", "--modes", "full", "--rep-ms", "10", "--no-save", "--no-progress"]
     for name in ("r.jsonl", "r.csv"):
         out = tmp_path / name
-        assert runner.main(args + ["--out", str(out)]) == 0
+        assert cli.main(args + ["--out", str(out)]) == 0
         first = out.read_text()
-        runner.write_records(out, [dict.fromkeys(runner.FIELDS, 1)])  # appends, no second CSV header
+        results.append_records(out, [dict.fromkeys(results.FIELDS, 1)])  # appends, no second CSV header
         assert out.read_text().startswith(first)
         if name.endswith(".csv"):
             rows = list(csv.DictReader(out.open()))
         else:
             rows = [json.loads(line) for line in out.read_text().splitlines()]
-        assert len(rows) == 2
+        assert len(rows) == 2 and list(rows[0]) == list(results.FIELDS)
         assert rows[0]["provider"] == "eager" and float(rows[0]["time_ms_p50"]) > 0
-        assert rows[0]["torch"] == torch.__version__ and rows[0]["date"]
+        assert rows[0]["torch"] == torch.__version__ and rows[0]["date"] and rows[0]["grid"] == "askd-core-cpu"
+    out = capsys.readouterr().out
+    assert "## Targets" in out and "askd_loss, full: speed-up vs eager n/a (no record of ours)" in out
+    assert cli.main(["--case", "askd-core", "--device", "cpu", "--list"]) == 0  # --case: the same option
+    assert "grid askd-core-cpu on cpu" in capsys.readouterr().out
 
 
 def test_cli_rejects_bad_arguments():
-    with pytest.raises(SystemExit):
-        runner.main(["--case", "askd-core", "--device", "cpu", "--providers", "eager,nope"])
-    with pytest.raises(SystemExit):
-        runner.main(["--case", "askd-core", "--device", "cpu", "--batch", "3", "--tokens", "10"])
-    with pytest.raises(SystemExit):
-        runner.main(["--device", "cpu", "--grid", "tiny", "--ops", "nope", "--list"])
-    with pytest.raises(SystemExit):
-        runner.main(["--device", "cpu", "--grid", "tiny", "--providers", "nope", "--list"])
-    with pytest.raises(SystemExit):
-        runner.main(["--device", "cpu", "--grid", "tiny", "--tokens", "3", "--list"])  # not a multiple of batch
+    planning = (["--grid", "askd-core", "--providers", "eager,nope"],
+                ["--grid", "askd-core", "--batch", "3", "--tokens", "10"],  # not a multiple of batch
+                ["--grid", "tiny", "--ops", "nope"], ["--grid", "tiny", "--modes", "sideways"],
+                ["--grid", "tiny", "--dtype", "fp8"], ["--grid", "tiny", "--models", "gpt5"],
+                ["--grid", "tiny", "--tokens", "3"], ["--grid", "nope"])
+    running = (["--grid", "tiny", "--rep-ms", "0"], ["--grid", "tiny", "--ignore-frac", "1"])
+    for bad in [[*args, "--list"] for args in planning] + [[*args, "--no-save"] for args in running]:
+        with pytest.raises(SystemExit):
+            cli.main(["--device", "cpu", "--no-progress", *bad])
+
+
+def test_default_results_folder_is_untracked():
+    default = results.results_dir(torch.device("cpu"), "AMD EPYC 7B13")
+    repo = Path(results.__file__).resolve().parent.parent
+    assert default == repo / "build" / "bench-results" / "cpu" / "amd-epyc-7b13"  # build/ is in .gitignore
+    assert "build/" in (repo / ".gitignore").read_text().split()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,8 +148,9 @@ def test_cli_rejects_bad_arguments():
 GRID_OPS = ["askd", "fkl", "from_hidden"]
 
 
-def _grid_oom_provider(monkeypatch):
-    """'compile' raises a CUDA-style out-of-memory error on its first call (no compilation here)."""
+def _failing_providers(monkeypatch):
+    """'compile' raises a CUDA-style out-of-memory error on its first call (no compilation here);
+    'liger' of askd_loss_from_hidden raises an unexpected error; the other liger cells are unavailable."""
     real = ops.Op.loss_fn
 
     def loss_fn(self, provider, device):
@@ -133,27 +159,35 @@ def _grid_oom_provider(monkeypatch):
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 37.10 GiB")
 
             return oom
+        if provider == "liger" and self.family == "hidden":
+            def broken(_case):
+                raise RuntimeError("not supported here")
+
+            return broken
         return real(self, provider, device)
 
     monkeypatch.setattr(ops.Op, "loss_fn", loss_fn)
 
 
 def test_grid_end_to_end_on_toy_shapes(tmp_path, monkeypatch):
-    _grid_oom_provider(monkeypatch)
+    _failing_providers(monkeypatch)
     plan = grid.plan_grid("tiny", device="cpu", ops=GRID_OPS, providers=["ours", "eager", "compile", "liger"])
-    assert [op.id for op in plan.ops] == [o.id for o in ops.resolve_ops(GRID_OPS) if o.available()]
+    assert [op.id for op in plan.ops] == [o.id for o in ops.resolve_ops(GRID_OPS)] == \
+        ["askd_loss", "divergence_loss:fkl", "askd_loss_from_hidden"]
     threads = torch.get_num_threads()
-    records = grid.run_grid(plan, out_dir=tmp_path, progress=False, log=None)
+    records = grid.run_grid(plan, outputs=[tmp_path / results.RESULTS_FILE], progress=False, log=None)
     assert torch.get_num_threads() == threads  # the grid's one thread is restored
     n_shapes = len(grid.GRIDS["tiny"].shapes)
     assert len(records) == len(plan.ops) * n_shapes * 4 * 3
     by = {(r["op"], r["kind"], r["provider"], r["mode"], r["tokens"], r["vocab"]): r for r in records}
     assert len(by) == len(records)
     for r in records:
-        assert set(r) == set(results.GRID_FIELDS)
+        assert set(r) == set(results.FIELDS)
         assert r["device"] == "cpu" and r["torch"] == torch.__version__ and r["date"] and r["git_commit"]
         if r["provider"] == "compile":
             assert r["status"] == "OOM" and "out of memory" in r["error"] and r["time_ms_p50"] is None
+        elif r["provider"] == "liger" and r["op"] == "askd_loss_from_hidden":
+            assert r["status"] == "failed" and "first call: RuntimeError: not supported here" == r["error"]
         elif r["provider"] == "liger":
             assert r["status"] == "unavailable" and r["error"]  # not installed, CPU, or no such loss
         else:
@@ -169,8 +203,7 @@ def test_grid_end_to_end_on_toy_shapes(tmp_path, monkeypatch):
     r = by[("askd_loss", "", "eager", "full", 16, 256)]
     assert r["bytes_moved"] == 4 * 16 * 256 * 4
     assert r["peak_bytes"] >= 16 * 256 * 4
-    if "divergence_loss" in {op.function for op in plan.ops}:
-        assert by[("divergence_loss", "fkl", "ours", "full", 16, 256)]["bytes_moved"] == 5 * 16 * 256 * 4
+    assert by[("divergence_loss", "fkl", "ours", "full", 16, 256)]["bytes_moved"] == 5 * 16 * 256 * 4
 
     # the CSV: appended per group, read back with types
     back = results.read_records(tmp_path)
@@ -184,7 +217,8 @@ def test_grid_end_to_end_on_toy_shapes(tmp_path, monkeypatch):
     summary = (tmp_path / "summary.md").read_text()
     assert "| model | tokens | vocab |" in summary and "ours × eager" in summary
     assert "OOM" in summary and "compile: OOM" in summary and "liger: unavailable" in summary
-    assert "## Forward" in summary and "## Backward" in summary
+    assert "liger: failed" in summary
+    assert "## Forward" in summary and "## Backward" in summary and "## Targets" not in summary  # tiny has none
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -196,7 +230,7 @@ def test_grid_end_to_end_on_toy_shapes(tmp_path, monkeypatch):
         assert f"]({pngs[0].name})" in summary
 
 
-def test_grid_budget_skips_the_rest(tmp_path):
+def test_grid_budget_skips_the_rest():
     plan = grid.plan_grid("tiny", device="cpu", ops=["askd"], providers=["eager"], modes=["full"])
     records = grid.run_grid(plan, budget_s=1e-9, progress=False, log=None)
     assert records and all(r["status"] == "skipped" and "budget" in r["error"] for r in records)
@@ -205,36 +239,49 @@ def test_grid_budget_skips_the_rest(tmp_path):
 def test_grid_cli_writes_results_summary_and_plots(tmp_path, capsys):
     args = ["--device", "cpu", "--grid", "tiny", "--ops", "askd", "--providers", "ours,eager", "--modes", "full",
             "--tokens", "8", "--models", "toy256,toy512", "--results-dir", str(tmp_path), "--no-progress"]
-    assert runner.main(args) == 0
+    assert cli.main(args) == 0
     out = capsys.readouterr().out
-    assert "askd_loss (fp32), full step:" in out and "| toy-512 | 8 | 512 |" in out
+    assert "### askd_loss (fp32)" in out and "| toy-512 | 8 | 512 |" in out and "## Targets" not in out
     assert (tmp_path / "results.csv").exists() and (tmp_path / "summary.md").exists()
-    assert runner.main(args + ["--no-plot"]) == 0  # a second run appends, and summarises the latest
+    assert cli.main(args + ["--no-plot"]) == 0  # a second run appends, and summarises the latest
     rows = results.read_records(tmp_path)
     assert len({r["run_id"] for r in rows}) in (1, 2) and len(rows) == 2 * 2 * 2
     assert plot.main([str(tmp_path), "--no-plots"]) == 0
-    assert runner.main(["--device", "cpu", "--list"]) == 0
+    root = tmp_path / "root"
+    assert cli.main(["--device", "cpu", "--grid", "tiny", "--ops", "askd", "--providers", "eager", "--modes", "full",
+                     "--results-root", str(root), "--no-plot", "--no-progress"]) == 0
+    assert [p.relative_to(root).parts[0] for p in root.glob("*/*/results.csv")] == ["cpu"]
+    assert cli.main(["--device", "cpu", "--list"]) == 0
     assert "askd_loss" in capsys.readouterr().out
 
 
+def test_committed_results_stay_readable():
+    for csv_file in results.RESULTS_ROOT.glob(f"*/*/{results.RESULTS_FILE}"):
+        records = plot.select_run(results.read_records(csv_file.parent))
+        assert records and set(records[0]) == set(results.FIELDS)
+        assert "## Full step" in plot.summary_markdown(records)
+
+
 def test_results_paths_and_schema_changes(tmp_path):
-    assert results.results_dir(torch.device("cpu"), "AMD EPYC 7B13", root=tmp_path) == tmp_path / "cpu" / "amd-epyc-7b13"
+    cpu_dir = results.results_dir(torch.device("cpu"), "AMD EPYC 7B13", root=tmp_path)
+    assert cpu_dir == tmp_path / "cpu" / "amd-epyc-7b13"
     assert results.results_dir(torch.device("cuda"), "NVIDIA H100 80GB HBM3", root=tmp_path) == \
         tmp_path / "gpu" / "nvidia-h100-80gb-hbm3"
     path = tmp_path / "results.csv"
     path.write_text("old,header\n1,2\n")
-    written = results.append_records(path, [dict.fromkeys(results.GRID_FIELDS, 1)])
+    written = results.append_records(path, [dict.fromkeys(results.FIELDS, 1)])
     assert written.name == "results.1.csv" and path.read_text() == "old,header\n1,2\n"
-    assert results.append_records(path, [dict.fromkeys(results.GRID_FIELDS, 2)]) == written
+    assert results.append_records(path, [dict.fromkeys(results.FIELDS, 2)]) == written
 
 
 def test_gross_disagreement_with_eager_is_a_mismatch():
     def row(provider, loss, p50):
-        return {**dict.fromkeys(results.GRID_FIELDS), "provider": provider, "mode": "full", "status": "ok",
-                "dtype": "bf16", "loss": loss, "time_ms_p50": p50, "bytes_moved": 100, "tokens": 1}
+        return {**dict.fromkeys(results.FIELDS), "provider": provider, "mode": "full", "status": "ok",
+                "dtype": "bf16", "loss": loss, "time_ms_p50": p50, "bytes_moved": 100, "tokens": 1, "copy_gbps": 1.0}
 
     group = [row("eager", 1.0, 2.0), row("liger", 0.0, 1.0), row("ours", 1.001, 0.5)]
-    grid.derive(group, {}, copy_gbps=1.0)
+    grid.derive(group, {})
     assert [r["status"] for r in group] == ["ok", "mismatch", "ok"]
     assert "loss differs" in group[1]["error"]
     assert group[2]["speedup_vs_eager"] == 4.0 and group[2]["speedup_vs_liger"] == 2.0
+    assert group[2]["gbps"] == 100 / 0.5e-3 / 1e9 and group[2]["pct_of_copy"] == 100.0 * group[2]["gbps"]
