@@ -1,5 +1,5 @@
-"""Slow, obvious pure-PyTorch oracle for askd-kernels tests (SPEC.md). Shares no code with
-``askd_kernels`` and must never import it."""
+"""Slow, obvious pure-PyTorch oracle for askd-kernels tests; it implements docs/contract.md.
+Shares no code with ``askd_kernels`` and must never import it."""
 from .askd import askd_loss_ref
 from .divergences import divergence_loss_ref
 from .skew import skew_from_rewards_ref

@@ -1,8 +1,8 @@
-"""Slow, obvious reference for the ASKD Monte-Carlo loss (SPEC.md §1-4).
+"""Slow, obvious reference for the ASKD Monte-Carlo loss (docs/contract.md §1–4).
 
 This is the test oracle. It shares no code with ``askd_kernels`` and is written for obviousness,
 not speed: every per-token quantity is materialised (full ``log_softmax`` over the vocabulary) and
-the suffix sums of SPEC §3 are explicit Python loops over sequences and positions.
+the suffix sums of docs/contract.md §3 are explicit Python loops over sequences and positions.
 
 All arithmetic happens in ``dtype`` (default ``torch.float64``). With ``dtype=torch.float64`` this
 is the "truth"; with ``dtype=torch.bfloat16`` (or the input dtype) it is the naive baseline, a
@@ -31,11 +31,6 @@ def _per_sequence(x, B, dtype, device, name):
     return torch.full((B,), float(x), dtype=dtype, device=device)
 
 
-def _log(x):
-    """log with log(0) = -inf exactly (torch.log already does this; named for readability)."""
-    return torch.log(x)
-
-
 def askd_loss_ref(
     student_logits,
     labels,
@@ -56,20 +51,20 @@ def askd_loss_ref(
     num_items=None,
     dtype=torch.float64,
 ):
-    """ASKD loss, SPEC §1-4. Returns ``(loss, stats)``.
+    """ASKD loss, docs/contract.md §1–4. Returns ``(loss, stats)``.
 
-    Per valid position t (label != ignore_index), SPEC §2:
+    Per valid position t (label != ignore_index), docs/contract.md §2:
         log q_t = log_softmax(z/τ)[y_t]            log p_t = log_softmax(w/τ)[y_t]  (own vocab V_t;
                                                    label >= V_t -> log p_t = -inf, the exact limit)
         ℓ_t = log p_t - log q_t
         u_t = logaddexp(log α, log(1-α) + ℓ_t)      ρ_t = exp(log α - u_t)
     (the logaddexp form keeps α ∈ {0, 1} exact; the x_t/softplus form would NaN there).
 
-    SPEC §3: G_t = u_t + γ·G_{next valid t'}, P_t = exp(log ρ_t + log P_{next valid}), optional
+    §3: G_t = u_t + γ·G_{next valid t'}, P_t = exp(log ρ_t + log P_{next valid}), optional
     length normalisation G_t / (1 + γ·N_{next valid}); the λ table for "exact" / "paper" /
     "sequence"; importance weight w_t = min(exp(log q_t - log q_old,t), is_max) on SGOs only.
 
-    SPEC §4: value D_b (exact/paper: TGO Σ(ℓ-u), SGO -Σu; sequence: TGO Σℓ - U, SGO -U, with
+    §4: value D_b (exact/paper: TGO Σ(ℓ-u), SGO -Σu; sequence: TGO Σℓ - U, SGO -U, with
     U = logaddexp(log α, log(1-α) + Σℓ)), times κ_b (κ_b = 0 iff clip_b and the sequence is an SGO).
     The gradient is REINFORCE-style: per_seq_b = κ_b D_b + (S_b - S_b.detach()) with
     S_b = -Σ_t coef_t log q_t and coef_t = κ_b w_t λ_t detached, so that
@@ -100,7 +95,7 @@ def askd_loss_ref(
     if bool((safe_labels >= V_s).any()) or bool((safe_labels < 0).any()):
         raise ValueError("labels must be in [0, V_s) or equal to ignore_index")
 
-    # ---- SPEC §2: per-token log-probs (materialised, in `dtype`) -------------------------------
+    # ---- §2: per-token log-probs (materialised, in `dtype`) ------------------------------------
     z = student_logits.to(dtype)  # stays in the graph: the gradient reaches the caller's dtype
     log_q_all = torch.log_softmax(z / tau, dim=-1)
     log_q = log_q_all.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)  # [B, T], differentiable
@@ -125,19 +120,19 @@ def askd_loss_ref(
 
     sgo = torch.as_tensor(student_generated, device=device).bool().reshape(B)
     a = _per_sequence(alpha, B, dtype, device, "alpha")
-    log_a = _log(a)  # log α, -inf at α = 0
-    log_1ma = _log(1 - a)  # log(1-α), -inf at α = 1
+    log_a = torch.log(a)  # log α, -inf at α = 0
+    log_1ma = torch.log(1 - a)  # log(1-α), -inf at α = 1
     if clip is None:
         kappa = torch.ones(B, dtype=torch.bool, device=device)
     else:
         kappa = ~(torch.as_tensor(clip, device=device).bool().reshape(B) & sgo)
 
-    # u_t, ρ_t elementwise (SPEC §2, logaddexp form)
+    # u_t, ρ_t elementwise (§2, logaddexp form)
     u = torch.logaddexp(log_a[:, None].expand(B, T), log_1ma[:, None] + ell)
     log_rho = log_a[:, None] - u
     rho = torch.exp(log_rho)
 
-    # importance weights, SGO only (SPEC §3, last paragraph)
+    # importance weights, SGO only (§3, importance sampling)
     if old_logprobs is not None:
         iw = torch.exp(log_q_d - old_logprobs.detach().to(dtype))
         if is_max is not None:
@@ -150,7 +145,7 @@ def askd_loss_ref(
     lam = torch.zeros(B, T, dtype=dtype, device=device)
     value = torch.zeros(B, dtype=dtype, device=device)
 
-    # ---- SPEC §3-4: explicit loops over sequences and positions --------------------------------
+    # ---- §3–4: explicit loops over sequences and positions -------------------------------------
     for b in range(B):
         positions = [t for t in range(T) if bool(valid[b, t])]
         if estimator == "sequence":

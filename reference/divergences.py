@@ -1,4 +1,4 @@
-"""Reference for the full-vocabulary divergence family (SPEC.md §6).
+"""Reference for the full-vocabulary divergence family (docs/contract.md §6).
 
 Plain differentiable PyTorch: the gradient of this loss *is* the autograd derivative of its value.
 Everything is materialised over the shared vocabulary [0, min(V_s, V_t)), where both distributions
@@ -48,7 +48,7 @@ def divergence_loss_ref(
     num_items=None,
     dtype=torch.float64,
 ):
-    """Full-vocabulary divergence loss, SPEC §6. q = student, p = teacher (detached).
+    """Full-vocabulary divergence loss, docs/contract.md §6. q = student, p = teacher (detached).
 
     Per valid token (labels != ignore_index), with m = α q + (1-α) p computed as
     log m = logaddexp(log α + log q, log(1-α) + log p) (never log(p + q)):

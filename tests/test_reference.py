@@ -1,4 +1,4 @@
-"""Sanity checks of the `reference/` oracle against independent hand computations (SPEC.md)."""
+"""Sanity checks of the `reference/` oracle against independent hand computations (docs/contract.md)."""
 import math
 
 import pytest
@@ -10,12 +10,13 @@ from reference import askd_loss_ref, divergence_loss_ref, skew_from_rewards_ref
 F64 = torch.float64
 
 
-# ---------------------------------------------------------------- askd_loss_ref, SPEC §2-4
+# ---------------------------------------------------------------- askd_loss_ref, contract §2–4
 
 
 @pytest.mark.parametrize("tau", [1.0, 2.0])
 def test_one_token_tgo_alpha1_is_nll(tau):
-    """α = 1 TGO: u = 0, ρ = 1, so the gradient is the NLL gradient and the value is ℓ (SPEC §2)."""
+    """α = 1 TGO: u = 0, ρ = 1, so the gradient is the NLL gradient and the value is ℓ
+    (docs/contract.md §2)."""
     g = torch.Generator().manual_seed(0)
     z = torch.randn(1, 1, 7, generator=g, dtype=F64, requires_grad=True)
     w = torch.randn(1, 1, 7, generator=g, dtype=F64)
@@ -112,7 +113,8 @@ def test_hand_computed_sequence_estimator():
 
 
 def test_alpha_boundaries_are_exact():
-    """α = 1 SGO has zero gradient; α = 0 SGO is vanilla reverse KL: u = ℓ, ρ = 0 (SPEC §2)."""
+    """α = 1 SGO has zero gradient; α = 0 SGO is vanilla reverse KL: u = ℓ, ρ = 0
+    (docs/contract.md §2)."""
     z, labels, tlp, ells = _tiny_batch()
     sg = torch.tensor([True, True])
     _, s1 = askd_loss_ref(z, labels, teacher_logprobs=tlp, student_generated=sg, alpha=1.0)
@@ -192,7 +194,7 @@ def test_low_precision_baseline_keeps_input_dtype_grad():
     assert abs(loss.item() - ref.item()) < 0.05 * max(1.0, abs(ref.item()))
 
 
-# ---------------------------------------------------------------- skew_from_rewards_ref, SPEC §5
+# ---------------------------------------------------------------- skew_from_rewards_ref, contract §5
 
 
 def test_skew_all_equal_group_is_half_exactly():
@@ -215,6 +217,43 @@ def test_skew_float_noise_does_not_blow_up():
     assert (a - 0.5).abs().max().item() < 1e-6
 
 
+def _pair_alpha(lo, hi, eps=1e-6):
+    """α of a group of two distinct rewards [lo, hi], by hand: mean ± d/2, unbiased std d/√2."""
+    d = hi - lo
+    r_hat = (d / 2) / (d / math.sqrt(2) + eps)
+    return [0.5 * math.erfc(r_hat / math.sqrt(2)), 0.5 * math.erfc(-r_hat / math.sqrt(2))]
+
+
+@pytest.mark.parametrize("dtype, lo, hi, equal", [
+    # fp32 above 1024 (ulp 2^-13): the bound 8·2^-23·max is just over 8 ulps of 1024
+    (torch.float32, 1024.0, 1024.0 + 8 * 2.0 ** -13, True),
+    (torch.float32, 1024.0, 1024.0 + 9 * 2.0 ** -13, False),
+    # just below 1024 the ulp is 2^-14, and the bound relative to max = 1024 is 16 of them
+    (torch.float32, 1024.0 - 16 * 2.0 ** -14, 1024.0, True),
+    (torch.float32, 1024.0 - 17 * 2.0 ** -14, 1024.0, False),
+    # bf16 (precision 2^-7) and negative rewards: the largest *magnitude* sets the bound
+    (torch.bfloat16, 1.0, 1.0 + 8 * 2.0 ** -7, True),
+    (torch.bfloat16, 1.0, 1.0 + 9 * 2.0 ** -7, False),
+    (torch.float32, -1024.0 - 8 * 2.0 ** -13, -1024.0, True),
+    # integers are exact: any difference counts
+    (torch.int64, 1000, 1001, False),
+])
+def test_skew_equal_up_to_rounding_by_hand(dtype, lo, hi, equal):
+    """contract §5: a spread ≤ 8 × precision(dtype) × max|r| is all-equal (boundary included)."""
+    r = torch.tensor([lo, hi]).to(dtype)
+    assert r[0].item() == lo and r[1].item() == hi  # the values are exact in that dtype
+    a = skew_from_rewards_ref(r, group_size=2)
+    expected = [0.5, 0.5] if equal else _pair_alpha(float(lo), float(hi))
+    assert a.tolist() == pytest.approx(expected, rel=1e-12, abs=0)
+    if not equal:
+        assert abs(a[0].item() - 0.5) > 1e-3  # the spread is far above the absolute eps: it matters
+
+
+def test_skew_nan_reward_poisons_only_its_group():
+    a = skew_from_rewards_ref(torch.tensor([math.nan, 1.0, 2.0, 2.0, 0.0, 1.0]), group_size=2)
+    assert a[:2].isnan().all() and a[2:4].eq(0.5).all() and not a[4:].isnan().any()
+
+
 def test_skew_matches_formula_and_batch_mode():
     r = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 0.5], dtype=F64)
     a = skew_from_rewards_ref(r, group_size=None, beta=2.0)
@@ -228,7 +267,7 @@ def test_skew_matches_formula_and_batch_mode():
     torch.testing.assert_close(a2, expected.reshape(-1))
 
 
-# ---------------------------------------------------------------- divergence_loss_ref, SPEC §6
+# ---------------------------------------------------------------- divergence_loss_ref, contract §6
 
 
 def _div_inputs(Vs=7, Vt=7, seed=4):

@@ -1,5 +1,6 @@
-"""``skew_from_rewards`` (SPEC §5, the paper's Eq. 12): α = Φ(β·r̂), r̂ the per-group (GRPO) or
-per-batch (REINFORCE++) standardised reward; all-equal groups give α = 0.5 exactly.
+"""``skew_from_rewards`` (docs/contract.md §5, the paper's Eq. 12): α = Φ(β·r̂), r̂ the per-group
+(GRPO) or per-batch (REINFORCE++) standardised reward; groups that are all equal up to rounding
+(spread ≤ 8 × precision(dtype) × max|r|) give α = 0.5 exactly.
 
 Checked against ``reference.skew_from_rewards_ref`` and against hand computations with
 ``statistics`` / ``math.erf``, which share nothing with either implementation.
@@ -26,7 +27,9 @@ def _phi(x):
 
 
 def _by_hand(rewards, group_size=None, beta=1.0, eps=EPS):
-    """α per response from plain python: mean and sample (n − 1) std per group."""
+    """α per response from plain python: mean and sample (n − 1) std per group. All-equal means
+    *exactly* equal here, so it agrees with the library only where no group is equal up to
+    rounding without being exactly equal (the tests below use it to show such groups matter)."""
     r = [float(x) for x in rewards]
     g = len(r) if group_size is None else group_size
     out = []
@@ -235,3 +238,121 @@ def test_rounding_noise_at_any_scale_is_exactly_one_half(dtype):
 def test_real_differences_at_large_scale_are_kept():
     alpha = ak.skew_from_rewards(torch.tensor([1000.0, 1001.0, 1000.0, 1001.0]), group_size=4)
     assert bool((alpha[1::2] > 0.7).all()) and bool((alpha[::2] < 0.3).all())
+
+
+# ------------------------------------------------- equal up to rounding: the 8-ulp rule, on purpose
+#
+# docs/contract.md §5: a group counts as all-equal (r̂ = 0, α = 0.5) when max − min ≤ 8 ·
+# precision(dtype) · max|r|. The groups below are built from "ladders": a base value and the k
+# representable numbers just above it in the rewards' dtype. A spread of k ≤ 8 steps is always
+# within the rule (one step above a normal x is at most precision · |x|); 9..16 steps may go either
+# way (a step is between ½ and 1 × precision · |x|); ≥ 24 steps is always outside it.
+
+# dtype -> binade exponents of the base: every value stays normal and finite
+_LADDER_EXPONENTS = {torch.float64: (-60, 60), torch.float32: (-60, 60), torch.bfloat16: (-60, 60),
+                     torch.float16: (-12, 14)}
+_STEPS = {"near": (0, 8), "edge": (9, 16), "far": (24, 64)}
+
+
+def _ladder(base, dtype, k):
+    """``base`` rounded to ``dtype`` and the k representable numbers above it: [k + 1] in dtype."""
+    x = torch.tensor([base], dtype=dtype)
+    up = torch.tensor([math.inf], dtype=dtype)
+    values = [x]
+    for _ in range(k):
+        values.append(torch.nextafter(values[-1], up))
+    return torch.cat(values)
+
+
+@st.composite
+def near_equal_batches(draw):
+    """Batches of groups whose spread is drawn in steps of the dtype: "near" (0..8, must be all-
+    equal), "edge" (9..16) or "far" (24..64, never all-equal), at magnitudes from 2^-60 to 2^60."""
+    dtype = draw(st.sampled_from(list(_LADDER_EXPONENTS)))
+    g = draw(st.sampled_from([2, 3, 4, 8]))
+    # fp64 "edge"/"far" ladders a few ulps wide are left out: standardising them is ill-conditioned
+    # (the float64 rounding of the group mean alone moves r̂ by O(1/k)), so two correct
+    # implementations may differ by more than ATOL. fp64 gets far groups with a relative spread.
+    kinds = ["near", "far"] if dtype == torch.float64 else ["near", "edge", "far"]
+    groups, group_kinds = [], []
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(kinds))
+        lo, hi = _LADDER_EXPONENTS[dtype]
+        base = (draw(st.sampled_from([-1.0, 1.0])) * draw(st.floats(1.0, 2.0, exclude_max=True))
+                * 2.0 ** draw(st.integers(lo, hi)))
+        k = draw(st.integers(*_STEPS[kind]))
+        if kind == "far" and dtype == torch.float64:
+            values = base * (1.0 + torch.arange(k + 1, dtype=dtype) * 2.0 ** -20)
+        else:
+            values = _ladder(base, dtype, k)
+        # both ends of the ladder are in the group, so its spread is exactly k steps
+        picks = draw(st.lists(st.integers(0, k), min_size=g - 2, max_size=g - 2))
+        order = draw(st.permutations([0, k] + picks))
+        groups.append(values[torch.tensor(order)])
+        group_kinds.append(kind)
+    beta = draw(st.sampled_from([1.0, 0.3, 2.0]))
+    return torch.cat(groups), g, group_kinds, beta
+
+
+@settings(max_examples=300)
+@given(case=near_equal_batches())
+def test_hypothesis_near_equal_groups_match_reference(case):
+    rewards, g, kinds, beta = case
+    alpha = ak.skew_from_rewards(rewards, group_size=g, beta=beta)
+    expected = skew_from_rewards_ref(rewards, group_size=g, beta=beta)
+    _check(alpha, expected)
+    by_hand = _by_hand(rewards.tolist(), g, beta)  # exact equality: right wherever the rule is moot
+    for i, kind in enumerate(kinds):
+        rows = slice(i * g, (i + 1) * g)
+        if kind == "near":  # within the rule: exactly one half, in the library and in the oracle
+            assert torch.equal(alpha[rows], torch.full((g,), 0.5)), (rewards[rows], alpha[rows])
+            assert torch.equal(expected[rows], torch.full((g,), 0.5, dtype=torch.float64))
+        elif kind == "far":  # outside it: the plain formula, the same as with exact equality
+            _check(alpha[rows], by_hand[rows])
+
+
+# Rewards large enough that one step of their dtype is far above the absolute eps = 1e-6: under
+# exact equality these groups would get |r̂| ≈ 0.7–0.9, i.e. α ≈ 0.2 / 0.8, not 0.5.
+_DISCRIMINATING_BASES = {torch.float64: 1.3 * 2.0 ** 40, torch.float32: 1000.3, torch.bfloat16: 1.5,
+                         torch.float16: 300.3}
+
+
+@pytest.mark.parametrize("dtype", list(_DISCRIMINATING_BASES))
+@pytest.mark.parametrize("k", [1, 2, 5, 8])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_rounding_noise_is_not_a_difference(dtype, k, sign):
+    """Fails if "all equal" meant exact equality: the by-hand exact-equality answer is checked to be
+    far from 0.5 on the same input, so the input really tells the two rules apart."""
+    ladder = _ladder(sign * _DISCRIMINATING_BASES[dtype], dtype, k)
+    rewards = ladder[torch.tensor([0, k, 0, k // 2, k, 0])]
+    assert rewards.unique().numel() > 1  # not exactly equal
+    exact_rule = _by_hand(rewards.tolist(), 6)
+    assert (exact_rule - 0.5).abs().max().item() > 0.1, exact_rule  # the case has teeth
+    alpha = ak.skew_from_rewards(rewards, group_size=6)
+    assert torch.equal(alpha, torch.full((6,), 0.5)), alpha
+    assert torch.equal(skew_from_rewards_ref(rewards, group_size=6), torch.full((6,), 0.5, dtype=torch.float64))
+    # mixed with a group that differs for real, only the noisy group is 0.5
+    real = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0, 0.0], dtype=dtype)
+    alpha = ak.skew_from_rewards(torch.cat([rewards, real]), group_size=6)
+    assert torch.equal(alpha[:6], torch.full((6,), 0.5)) and bool((alpha[6:] != 0.5).all())
+
+
+@pytest.mark.parametrize("dtype, lo, hi, equal", [
+    (torch.float32, 1024.0, 1024.0 + 8 * 2.0 ** -13, True),    # the bound, exactly: still equal
+    (torch.float32, 1024.0, 1024.0 + 9 * 2.0 ** -13, False),
+    (torch.float32, 1024.0 - 16 * 2.0 ** -14, 1024.0, True),   # relative to max|r|: 16 smaller ulps
+    (torch.float32, 1024.0 - 17 * 2.0 ** -14, 1024.0, False),
+    (torch.bfloat16, 1.0, 1.0 + 8 * 2.0 ** -7, True),
+    (torch.bfloat16, 1.0, 1.0 + 9 * 2.0 ** -7, False),
+    (torch.float16, -2.0 - 8 * 2.0 ** -9, -2.0, True),
+    (torch.float16, -2.0 - 9 * 2.0 ** -9, -2.0, False),
+    (torch.int64, 1000, 1001, False),                          # integers: any difference counts
+])
+def test_equal_up_to_rounding_boundary(dtype, lo, hi, equal):
+    rewards = torch.tensor([lo, hi, hi, lo]).to(dtype)
+    assert rewards[0].item() == lo and rewards[1].item() == hi
+    alpha = ak.skew_from_rewards(rewards, group_size=4)
+    _check(alpha, skew_from_rewards_ref(rewards, group_size=4))
+    assert torch.equal(alpha, torch.full((4,), 0.5)) == equal, alpha
+    if not equal:
+        _check(alpha, _by_hand([float(x) for x in rewards.tolist()], 4))
