@@ -4,7 +4,8 @@ same signatures where a block exists in both.
 * :func:`row_chunks` — the one chunking rule of the CPU paths: rows are processed
   ``chunk_rows(V)`` at a time, so the temporaries of a call are a few chunks of rows × vocab in fp32,
   never tokens × vocab.
-* :func:`log_prob_at` — ``log softmax(z/τ)[y]`` and ``logsumexp(z/τ)`` of a chunk of rows.
+* :func:`log_prob_at` — ``log softmax(z/τ)[y]`` and the (max, log-sum) pair of a chunk of rows;
+  :func:`log_softmax_at` — log-probabilities from that pair.
 * :func:`log_mixture` — ``log(α·e^0 + (1−α)·e^x)`` written as ``logaddexp(log α, log(1−α) + x)``.
 * :func:`divergence_terms` — per-column terms of the full-vocabulary divergences.
 """
@@ -33,28 +34,43 @@ def row_chunks(rows: torch.Tensor, n: int, n_cols: int):
         yield rows[part], (part if everything else rows[part])
 
 
-def scaled_fp32(rows: torch.Tensor, inv_tau: float) -> torch.Tensor:
-    """``rows / τ`` in fp32, copying only when the dtype or the temperature requires it."""
-    return rows if inv_tau == 1.0 and rows.dtype == torch.float32 else rows.float() * inv_tau
+def shifted_fp32(rows: torch.Tensor, m: torch.Tensor, inv_tau: float) -> torch.Tensor:
+    """``(rows − m)/τ`` in fp32 for a chunk of rows and their raw maxima ``m`` [rows]: the argument of
+    the softmax, shifted before it is scaled (see :func:`askd_kernels._triton_math.row_logsumexp`)."""
+    x = rows.float() - m.unsqueeze(-1)
+    return x if inv_tau == 1.0 else x.mul_(inv_tau)
+
+
+def row_max(rows: torch.Tensor) -> torch.Tensor:
+    """The raw maximum of each row in fp32 (NaN if the row holds a NaN)."""
+    return rows.amax(-1).float()
+
+
+def log_softmax_at(rows, m, s, inv_tau):
+    """``log softmax(rows/τ)`` of a chunk from its (max, log-sum) pair ``m``, ``s`` [rows]."""
+    return shifted_fp32(rows, m, inv_tau).sub_(s.unsqueeze(-1))
 
 
 def log_prob_at(rows, labels, inv_tau):
-    """``(log softmax(rows/τ)[label], logsumexp(rows/τ))`` for a chunk; labels ≥ width give −inf."""
-    x = scaled_fp32(rows, inv_tau)
+    """``(log softmax(rows/τ)[label], (m, s))`` for a chunk: the log-probability of each row's label
+    (−inf for labels ≥ width) and the row's (max, log-sum) pair ``[rows, 2]`` of
+    :func:`askd_kernels._triton_math.row_logsumexp`, never folded into one number."""
+    m = row_max(rows)
+    x = shifted_fp32(rows, m, inv_tau)
     inside = (labels >= 0) & (labels < x.shape[-1])
     safe = torch.where(inside, labels, 0).unsqueeze(-1)
     log_prob = torch.log_softmax(x, dim=-1).gather(-1, safe).squeeze(-1)  # one fused pass
     x_at = x.gather(-1, safe).squeeze(-1)
-    lse = x_at - log_prob
-    masked = torch.isinf(x_at)  # a −inf logit at the label: recover the log-sum-exp directly
+    s = x_at - log_prob
+    masked = torch.isinf(x_at)  # a −inf logit at the label: recover the log-sum directly
     if masked.any():
-        lse[masked] = torch.logsumexp(x[masked], dim=-1)
-    return torch.where(inside, log_prob, float("-inf")), lse
+        s[masked] = torch.logsumexp(x[masked], dim=-1)
+    return torch.where(inside, log_prob, float("-inf")), torch.stack([m, s], dim=-1)
 
 
 def log_mixture(log_a, log_1ma, x):
     """``log(e^{log_a} + e^{log_1ma + x})``; see :func:`askd_kernels._triton_math.log_mixture`.
-    ``torch.logaddexp`` is exact when one side is −inf, so α ∈ {0, 1} are exact."""
+    ``torch.logaddexp`` is exact when one side is −inf, so α ∈ {0, 1} are exact; NaN propagates."""
     return torch.logaddexp(log_a, log_1ma + x)
 
 

@@ -1,7 +1,8 @@
 """The ``@triton.jit`` building blocks shared by every kernel family, and the vocabulary block rule.
 
 * :func:`vocab_block` — the block width every vocabulary loop uses (and ``NUM_WARPS``).
-* :func:`row_logsumexp` — the one online log-sum-exp of the package: ``logsumexp(z/τ)`` of a row.
+* :func:`row_logsumexp` — the one online log-sum-exp of the package: ``logsumexp(z/τ)`` of a row, as
+  a (max, log-sum) pair, and :func:`log_softmax_at`, a log-probability from that pair.
 * :func:`log_mixture` — ``log(α·e^a + (1−α)·e^b)`` in log space, exact at α ∈ {0, 1}
   (``docs/contract.md`` §2: the mixture term u_t, and log m of the divergences).
 * :func:`discounted_add` — the combine of a discounted suffix sum (``docs/contract.md`` §3: G_t).
@@ -26,27 +27,39 @@ def vocab_block(n_cols: int) -> int:
 
 @triton.jit
 def row_logsumexp(row_ptr, stride_v, n_cols, n_blocks, inv_tau, BLOCK: tl.constexpr):
-    """Online log-sum-exp of ``row[0:n_cols] * inv_tau`` in fp32.
+    """Online log-sum-exp of ``row[0:n_cols] / τ`` in fp32, returned as a pair ``(m, s)``:
 
-    Visits ``n_blocks`` blocks of ``BLOCK`` columns (pass 0 to skip the row: the result is then
-    −inf). The running maximum is a scalar per block (one reduction per block) while the rescaled
-    sum stays a vector, so each element costs one ``exp``. Entries equal to −inf (masked
-    vocabulary) contribute 0; a row that is −inf everywhere returns −inf, never NaN.
+        m = max_v z_v  (of the raw logits)        s = log Σ_v exp((z_v − m)/τ)
+
+    so that ``logsumexp(z/τ) = m/τ + s`` and a log-probability is ``(z_v − m)/τ − s``
+    (:func:`log_softmax_at`). The pair is never folded into one number: with |m| large, ``m/τ + s``
+    in fp32 would lose the low bits of ``s`` (at |m| = 10⁶ its ulp is 0.06), while ``z_v − m`` is
+    exact for nearby values and ``(z_v − m)/τ`` cannot overflow for tiny τ the way ``z_v/τ`` can.
+    So every result is invariant to adding a constant to the row, like a plain fp32 log_softmax.
+
+    Visits ``n_blocks`` blocks of ``BLOCK`` columns (pass 0 to skip the row: m = s = −inf). The
+    running maximum is a scalar per block while the rescaled sum stays a vector, so each element
+    costs one ``exp``. Entries equal to −inf (masked vocabulary) contribute 0; a row that is −inf
+    everywhere gives s = −inf; a NaN anywhere gives NaN.
     """
     cols = tl.arange(0, BLOCK)
     m = tl.full([], float("-inf"), dtype=tl.float32)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for i in range(0, n_blocks):
         offs = i * BLOCK + cols
-        x = tl.load(row_ptr + offs * stride_v, mask=offs < n_cols, other=float("-inf"))
-        x = x.to(tl.float32) * inv_tau
+        x = tl.load(row_ptr + offs * stride_v, mask=offs < n_cols, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(x, axis=0))
         # While everything seen is −inf, shift by 0 instead of −inf to avoid (−inf) − (−inf).
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        acc = acc * tl.exp(m - shift) + tl.exp(x - shift)
+        acc = acc * tl.exp((m - shift) * inv_tau) + tl.exp((x - shift) * inv_tau)
         m = m_new
-    shift = tl.where(m == float("-inf"), 0.0, m)
-    return shift + tl.log(tl.sum(acc, axis=0))
+    return m, tl.log(tl.sum(acc, axis=0))
+
+
+@triton.jit
+def log_softmax_at(x, m, s, inv_tau):
+    """``log softmax(z/τ)`` at raw logits ``x`` of a row with :func:`row_logsumexp` pair ``(m, s)``."""
+    return (x.to(tl.float32) - m) * inv_tau - s
 
 
 @triton.jit
@@ -54,11 +67,13 @@ def log_mixture(log_a, log_1ma, x):
     """``log(e^{log_a} + e^{log_1ma + x})``, i.e. ``log(α + (1−α)·e^x)`` (the mixture term u_t).
 
     ``log_a``/``log_1ma`` are log α and log(1−α) and may be −inf, which makes α = 0 and α = 1
-    exact (u = x and u = 0). Returns −inf only when both terms are −inf.
+    exact (u = x and u = 0). Returns −inf only when both terms are −inf, NaN when any input is NaN
+    (and for log_1ma = −inf with x = +inf: callers where x can be +inf pass ``min(x, 0)`` at α = 1).
     """
     y = log_1ma + x
-    hi = tl.maximum(log_a, y)
-    lo = tl.minimum(log_a, y)
+    # NaN in → NaN out: the default maximum/minimum would drop a NaN operand.
+    hi = tl.maximum(log_a, y, propagate_nan=tl.PropagateNan.ALL)
+    lo = tl.minimum(log_a, y, propagate_nan=tl.PropagateNan.ALL)
     hi_safe = tl.where(hi == float("-inf"), 0.0, hi)
     return hi + tl.log(1.0 + tl.exp(lo - hi_safe))
 

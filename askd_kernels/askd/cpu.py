@@ -9,11 +9,11 @@ test oracle: ``reference/`` is written independently and materialises everything
 """
 import torch
 
-from .._torch_math import log_mixture, log_prob_at, row_chunks, scaled_fp32
+from .._torch_math import log_mixture, log_prob_at, log_softmax_at, row_chunks
 
 
 def row_stats(student_logits, labels, teacher_logits, teacher_logprobs, *, temperature, ignore_index):
-    """Stage (a); see :mod:`.triton_row_stats`. Returns fp32 ``(log_q, log_ratio, lse)`` [B·T]."""
+    """Stage (a); see :mod:`.triton_row_stats`. Returns fp32 ``(log_q [B·T], log_ratio [B·T], lse [B·T, 2])``."""
     B, T, V_s = student_logits.shape
     n = B * T
     z = student_logits.reshape(n, V_s)
@@ -23,7 +23,7 @@ def row_stats(student_logits, labels, teacher_logits, teacher_logprobs, *, tempe
     inv_tau = 1.0 / temperature
     log_q = torch.zeros(n, dtype=torch.float32, device=z.device)
     log_p = torch.zeros_like(log_q) if w is not None else teacher_logprobs.reshape(n).float()
-    lse = torch.zeros_like(log_q)
+    lse = torch.zeros((n, 2), dtype=torch.float32, device=z.device)
     rows = valid.nonzero().squeeze(-1)  # ignored positions cost no vocabulary pass
     width = max(V_s, 0 if w is None else w.shape[1])
     for idx, sel in row_chunks(rows, n, width):
@@ -64,7 +64,9 @@ def coefficients(log_q, log_ratio, log_q_old, labels, alpha, sgo, kappa, *, esti
     ell = log_ratio.view(B, T)
     log_a = torch.log(alpha).unsqueeze(1)
     log_1ma = torch.log1p(-alpha).unsqueeze(1)
-    u = torch.where(valid, log_mixture(log_a, log_1ma, ell), 0.0)
+    # At α = 1 the mixture ignores ℓ, even ℓ = +inf (q = 0 at the label): min(ℓ, 0) keeps u = 0 exact.
+    ell_m = torch.where(log_1ma == float("-inf"), torch.clamp(ell, max=0.0), ell)
+    u = torch.where(valid, log_mixture(log_a, log_1ma, ell_m), 0.0)
     log_rho = torch.where(valid, log_a - u, 0.0)
     rho = log_rho.exp()
 
@@ -86,8 +88,11 @@ def coefficients(log_q, log_ratio, log_q_old, labels, alpha, sgo, kappa, *, esti
     lam = torch.where(is_sgo, lam_sgo, lam_tgo)
     k = kappa.unsqueeze(1)
     coef = torch.where(valid & (k != 0), torch.where(is_sgo, weight, 1.0) * lam * k, 0.0)
-    u_total = u_seq.squeeze(1) if estimator == "sequence" else u.sum(1)
-    d = torch.where(is_sgo.squeeze(1), 0.0, sum_l.squeeze(1)) - u_total
+    # TGO: ℓ − u = log(p/m) = −log((1−α) + α e^{−ℓ}), finite when q = 0 at the label (ℓ = +inf).
+    if estimator == "sequence":
+        d = torch.where(is_sgo, -u_seq, -log_mixture(log_1ma, log_a, -sum_l)).squeeze(1)
+    else:
+        d = torch.where(valid, torch.where(is_sgo, -u, -log_mixture(log_1ma, log_a, -ell)), 0.0).sum(1)
     value = torch.where(kappa != 0, kappa * d, 0.0)
     return torch.where(valid, lam, 0.0).reshape(-1), coef.reshape(-1), value
 
@@ -105,9 +110,13 @@ def student_gradient(student_logits, labels, coef, lse, grad_seq, *, temperature
     grad = (torch.empty if everything else torch.zeros)((B, T, V_s), dtype=student_logits.dtype, device=z.device)
     rows_out = grad.view(n, V_s)
     for idx, sel in row_chunks(rows, n, V_s):
-        # softmax(z/τ) rebuilt from the forward's log-sum-exp, then − onehot, times the row factor.
-        prob = torch.sub(scaled_fp32(z[sel], 1.0 / temperature), lse[idx].unsqueeze(1)).exp_()
+        # softmax(z/τ) rebuilt from the forward's (max, log-sum) pair, − onehot, times the row factor.
+        prob = log_softmax_at(z[sel], lse[idx, 0], lse[idx, 1], 1.0 / temperature).exp_()
         prob.mul_(scale[idx].unsqueeze(1))
-        prob[torch.arange(idx.numel(), device=z.device), flat_labels[idx]] -= scale[idx]
+        # A label outside [0, V_s) (unchecked under torch.compile) already made this row NaN in the
+        # forward; it must not index out of bounds here.
+        lab = flat_labels[idx]
+        inside = (lab >= 0) & (lab < V_s)
+        prob[torch.arange(idx.numel(), device=z.device), lab.clamp(0, V_s - 1)] -= torch.where(inside, scale[idx], 0.0)
         rows_out[sel] = prob.to(grad.dtype)
     return grad

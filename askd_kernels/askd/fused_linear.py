@@ -87,7 +87,7 @@ def _chunked_row_stats(hidden, weight, bias, labels, teacher_logprobs, temperatu
     stage = stages(hidden.device)
     n = labels.numel()
     flat_labels = labels.view(n)
-    out = [torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(3)]
+    out = [torch.empty(shape, dtype=torch.float32, device=hidden.device) for shape in (n, n, (n, 2))]
     for start, stop, rows in _chunks(hidden, weight.shape[0]):
         teacher = (torch.zeros(stop - start, dtype=torch.float32, device=hidden.device)
                    if teacher_logprobs is None else teacher_logprobs.view(n)[start:stop])
@@ -156,7 +156,7 @@ def linear_backward(
     """Gradients w.r.t. hidden, weight and bias of ``Σ_t scale_t · log q_t``'s REINFORCE form:
     ``grad_logits = scale_t·(softmax(z/τ) − onehot(y_t))/τ``. Unneeded ones are empty tensors."""
     return _chunked_backward(hidden, weight, bias, labels, scale.float().contiguous().view(-1),
-                             lse.contiguous().view(-1), temperature, need_hidden, need_weight, need_bias)
+                             lse.contiguous().view(-1, 2), temperature, need_hidden, need_weight, need_bias)
 
 
 def _linear_grads(ctx, scale):
@@ -202,7 +202,7 @@ def linear_askd_forward(
     lam, coef, value = run_coefficients(stages(hidden.device), log_q, log_ratio, labels, student_generated,
                                         alpha, kappa, old_logprobs, w_max, estimator, gamma,
                                         length_normalize, ignore_index)
-    return (value, *(x.view(labels.shape) for x in (log_q, log_ratio, lam, coef, lse)))
+    return (value, *(x.view(labels.shape) for x in (log_q, log_ratio, lam, coef)), lse.view(*labels.shape, 2))
 
 
 def _logprobs_setup_context(ctx, inputs, output):
@@ -219,7 +219,8 @@ def _logprobs_backward(ctx, grad_log_q, _grad_lse):
 
 
 def _logprobs_fake(hidden, weight, bias, labels, temperature, ignore_index):
-    return forward_fake(labels)[1:3]
+    log_q, lse = forward_fake(labels)[1::4]
+    return log_q, lse
 
 
 @custom_op("linear_logprobs_forward", fake=_logprobs_fake, backward=_logprobs_backward,
@@ -228,7 +229,7 @@ def linear_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tenso
                             temperature: float, ignore_index: int) -> tuple[Tensor, Tensor]:
     """Chunked stage (a) without a teacher: ``log_q`` and ``lse``, fp32 [B, T], 0 at ignored positions."""
     log_q, _, lse = _chunked_row_stats(hidden, weight, bias, labels, None, temperature, ignore_index)
-    return log_q.view(labels.shape), lse.view(labels.shape)
+    return log_q.view(labels.shape), lse.view(*labels.shape, 2)
 
 
 # ---- public functions ------------------------------------------------------------------------------

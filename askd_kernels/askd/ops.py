@@ -57,14 +57,16 @@ def askd_backward(student_logits: Tensor, labels: Tensor, coef: Tensor, lse: Ten
                   temperature: float) -> Tensor:
     """Stage (c): the gradient w.r.t. the student logits for per-sequence upstream ``grad_seq``."""
     return stages(student_logits.device).student_gradient(
-        student_logits, labels, coef.reshape(-1), lse.reshape(-1), grad_seq.float().contiguous(),
+        student_logits, labels, coef.reshape(-1), lse.reshape(-1, 2), grad_seq.float().contiguous(),
         temperature=temperature)
 
 
-def forward_fake(labels, n_per_token=5):
-    """Fake outputs of a forward op: ``value [B]`` and ``n_per_token`` fp32 [B, T] tensors."""
-    per_token = [labels.new_empty(labels.shape, dtype=torch.float32) for _ in range(n_per_token)]
-    return (labels.new_empty(labels.shape[:1], dtype=torch.float32), *per_token)
+def forward_fake(labels):
+    """Fake outputs of a forward op: ``value [B]``, ``log_q, log_ratio, lam, coef`` [B, T] and the
+    (max, log-sum) pairs ``lse`` [B, T, 2], all fp32."""
+    per_token = [labels.new_empty(labels.shape, dtype=torch.float32) for _ in range(4)]
+    lse = labels.new_empty((*labels.shape, 2), dtype=torch.float32)
+    return (labels.new_empty(labels.shape[:1], dtype=torch.float32), *per_token, lse)
 
 
 def _forward_fake(student_logits, labels, *_options):
@@ -93,7 +95,8 @@ def askd_forward(
     old_logprobs: Optional[Tensor], w_max: float, estimator: str, gamma: float,
     length_normalize: bool, temperature: float, ignore_index: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Stages (a)+(b). Returns ``value [B]`` and ``log_q, log_ratio, lam, coef, lse`` [B, T] (fp32).
+    """Stages (a)+(b). Returns ``value [B]``, ``log_q, log_ratio, lam, coef`` [B, T] and ``lse``
+    [B, T, 2] (the student's (max, log-sum) pair per token), all fp32.
 
     Expects validated inputs: contiguous [B, T] labels / log-prob tensors, fp32 ``alpha`` and
     ``kappa`` [B], int32 ``student_generated`` [B]. ``old_logprobs=None`` means importance weight 1.
@@ -104,4 +107,4 @@ def askd_forward(
         temperature=temperature, ignore_index=ignore_index)
     lam, coef, value = run_coefficients(stage, log_q, log_ratio, labels, student_generated, alpha, kappa,
                                         old_logprobs, w_max, estimator, gamma, length_normalize, ignore_index)
-    return (value, *(x.view(labels.shape) for x in (log_q, log_ratio, lam, coef, lse)))
+    return (value, *(x.view(labels.shape) for x in (log_q, log_ratio, lam, coef)), lse.view(*labels.shape, 2))

@@ -12,7 +12,11 @@ and from them λ_t for the chosen estimator (``exact``: TGO ρ_t, SGO G_t + ρ_t
 SGO G_t + P_t − 1; ``sequence``: TGO σ(−X), SGO U + σ(−X) − 1), the importance weight
 w_t = min(exp(log q_t − log q_old,t), w_max) of SGOs, κ_b, and the per-sequence value
 
-    D_b = (1 − sgo_b)·Σ_t ℓ_t − (Σ_t u_t  or  U for ``sequence``)        (``docs/contract.md`` §4)
+    D_b = Σ_t (ℓ_t − u_t) on a TGO, −Σ_t u_t on an SGO   (``sequence``: Σ_t ℓ_t − U, −U)   (§4)
+
+A TGO's ℓ_t − u_t = log(p_t/m_t) is formed as −log((1−α) + α·e^{−ℓ_t}), not as a difference: a
+student logit of −inf at the label (q_t = 0, ℓ_t = +inf) then gives the exact −log(1−α) instead of
+∞ − ∞. Every min/max propagates NaN, so NaN inputs give NaN outputs.
 
 Outputs ``lam`` (λ_t), ``coef`` (κ_b·w_t·λ_t, the factor of the gradient) and ``value`` (κ_b·D_b).
 All sums run in fp32 over chunks of ``BLOCK_T`` positions from the end of the sequence backwards,
@@ -61,13 +65,16 @@ def _coefficients_kernel(
     g_after = 0.0
     n_after = 0.0
     log_p_after = 0.0
-    sum_u = tl.zeros([BLOCK_T], dtype=tl.float32)
+    sum_d = tl.zeros([BLOCK_T], dtype=tl.float32)
     for c in range(0, n_chunks):
         offs = (n_chunks - 1 - c) * BLOCK_T + pos
         lab = tl.load(LABELS + base + offs, mask=offs < T, other=ignore_index)
         valid = (offs < T) & (lab != ignore_index)
         ell = tl.load(LOG_RATIO + base + offs, mask=valid, other=0.0)
-        u = tl.where(valid, log_mixture(log_a, log_1ma, ell), 0.0)
+        # At α = 1 the mixture ignores ℓ (u = 0), even ℓ = +inf (q = 0 at the label): min(ℓ, 0) keeps
+        # u exact there and still carries a NaN.
+        ell_m = tl.where(log_1ma == float("-inf"), tl.minimum(ell, 0.0, propagate_nan=tl.PropagateNan.ALL), ell)
+        u = tl.where(valid, log_mixture(log_a, log_1ma, ell_m), 0.0)
         log_rho = tl.where(valid, log_a - u, 0.0)
         rho = tl.exp(log_rho)
         factor = tl.where(valid, gamma, 1.0)
@@ -85,7 +92,7 @@ def _coefficients_kernel(
                            tl.where(estimator == 1, g + tl.exp(log_p) - 1.0, u_seq + sig_seq - 1.0))
         log_q = tl.load(LOG_Q + base + offs, mask=valid, other=0.0)
         log_q_old = tl.load(LOG_Q_OLD + base + offs, mask=valid, other=0.0)
-        weight = tl.minimum(tl.exp(log_q - log_q_old), w_max)
+        weight = tl.minimum(tl.exp(log_q - log_q_old), w_max, propagate_nan=tl.PropagateNan.ALL)
         lam = tl.where(sgo, lam_sgo, lam_tgo)
         coef = tl.where(sgo, weight, 1.0) * lam * kappa
         tl.store(LAM + base + offs, tl.where(valid, lam, 0.0), mask=offs < T)
@@ -95,10 +102,10 @@ def _coefficients_kernel(
         g_after = tl.sum(tl.where(first, g_in + f_in * g_after, 0.0), axis=0)
         n_after = tl.sum(tl.where(first, n_rem, 0.0), axis=0)
         log_p_after = tl.sum(tl.where(first, log_p, 0.0), axis=0)
-        sum_u += u
+        sum_d += tl.where(valid, tl.where(sgo, -u, -log_mixture(log_1ma, log_a, -ell)), 0.0)
 
-    u_total = tl.where(estimator == 2, u_seq, tl.sum(sum_u, axis=0))
-    d = tl.where(sgo, 0.0, sum_l) - u_total
+    d_seq = tl.where(sgo, -u_seq, -log_mixture(log_1ma, log_a, -sum_l))
+    d = tl.where(estimator == 2, d_seq, tl.sum(sum_d, axis=0))
     tl.store(VALUE + b, tl.where(kappa != 0.0, kappa * d, 0.0))
 
 

@@ -7,7 +7,7 @@ fp32, never tokens × vocab. The per-kind terms are
 """
 import torch
 
-from .._torch_math import divergence_terms, row_chunks, scaled_fp32
+from .._torch_math import divergence_terms, log_softmax_at, row_chunks, row_max, shifted_fp32
 
 
 def _active_rows(labels, kappa, ignore_index):
@@ -17,11 +17,17 @@ def _active_rows(labels, kappa, ignore_index):
 
 
 def _log_probs(z, w, sel, inv_tau, lse_s=None, lse_t=None):
-    """log q, log p of the rows ``sel`` over the shared vocabulary (LSEs computed when not given)."""
-    zs, ws = scaled_fp32(z[sel], inv_tau), scaled_fp32(w[sel], inv_tau)
+    """log q, log p of the rows ``sel`` over the shared vocabulary and the rows' (max, log-sum) pairs
+    ``[rows, 2]`` (computed when not given)."""
     if lse_s is None:
-        lse_s, lse_t = torch.logsumexp(zs, -1), torch.logsumexp(ws, -1)
-    return zs - lse_s.unsqueeze(1), ws - lse_t.unsqueeze(1), lse_s, lse_t
+        x, y = torch.log_softmax(shifted_fp32(z[sel], row_max(z[sel]), inv_tau), -1), None
+        lse_s = torch.stack([row_max(z[sel]), -x.amax(-1)], -1)  # max of log softmax = −log-sum
+        y = torch.log_softmax(shifted_fp32(w[sel], row_max(w[sel]), inv_tau), -1)
+        lse_t = torch.stack([row_max(w[sel]), -y.amax(-1)], -1)
+        return x, y, lse_s, lse_t
+    x = log_softmax_at(z[sel], lse_s[:, 0], lse_s[:, 1], inv_tau)
+    y = log_softmax_at(w[sel], lse_t[:, 0], lse_t[:, 1], inv_tau)
+    return x, y, lse_s, lse_t
 
 
 def _flat(student_logits, teacher_logits):
@@ -38,12 +44,13 @@ def _chunk_terms(z, w, sel, idx, log_w, T, kind, inv_tau, lse_s=None, lse_t=None
 
 
 def forward(student_logits, teacher_logits, labels, kappa, log_w, *, kind, temperature, ignore_index):
-    """See :func:`askd_kernels.divergence.triton.forward`. Returns fp32 ``(value, row_sum, lse_s,
-    lse_t)`` [B·T]."""
+    """See :func:`askd_kernels.divergence.triton.forward`. Returns fp32 ``(value [B·T], row_sum [B·T],
+    lse_s [B·T, 2], lse_t [B·T, 2])``."""
     B, T, _ = student_logits.shape
     z, w, V = _flat(student_logits, teacher_logits)
     value = torch.zeros(B * T, dtype=torch.float32, device=z.device)
-    row_sum, lse_s, lse_t = (torch.zeros_like(value) for _ in range(3))
+    row_sum = torch.zeros_like(value)
+    lse_s, lse_t = (torch.zeros((B * T, 2), dtype=torch.float32, device=z.device) for _ in range(2))
     rows = _active_rows(labels, kappa, ignore_index)
     for idx, sel in row_chunks(rows, B * T, V):
         v, a, _q, ls, lt = _chunk_terms(z, w, sel, idx, log_w, T, kind, 1.0 / temperature)
@@ -58,7 +65,8 @@ def backward(student_logits, teacher_logits, labels, kappa, log_w, lse_s, lse_t,
     z, w, V = _flat(student_logits, teacher_logits)
     grad = torch.zeros((B * T, V_s), dtype=student_logits.dtype, device=z.device)
     rows = _active_rows(labels, kappa, ignore_index)
-    rows = rows[grad_value[rows] != 0]
+    # Zero factor: nothing to do. Infinite S (an infinite value): gradient 0, not NaN (see the kernel).
+    rows = rows[(grad_value[rows] != 0) & ~torch.isinf(row_sum[rows])]
     for idx, sel in row_chunks(rows, B * T, V):
         _v, a, q, _, _ = _chunk_terms(z, w, sel, idx, log_w, T, kind, 1.0 / temperature, lse_s[idx], lse_t[idx])
         scale = (grad_value[idx] * (1.0 / temperature)).unsqueeze(1)

@@ -34,16 +34,18 @@ def divergence_backward(
     kind: str, temperature: float, ignore_index: int,
 ) -> Tensor:
     """The gradient w.r.t. the student logits for the per-token upstream gradient ``grad_value``."""
-    def flat(x):
-        return x.float().contiguous().reshape(-1)
+    def flat(x, *shape):
+        return x.float().contiguous().reshape(-1, *shape)
 
     return _impl(student_logits.device).backward(
-        student_logits, teacher_logits, labels, kappa, log_w, flat(lse_s), flat(lse_t), flat(row_sum),
+        student_logits, teacher_logits, labels, kappa, log_w, flat(lse_s, 2), flat(lse_t, 2), flat(row_sum),
         flat(grad_value), kind=kind, temperature=temperature, ignore_index=ignore_index)
 
 
 def _forward_fake(student_logits, teacher_logits, labels, kappa, log_w, kind, temperature, ignore_index):
-    return tuple(labels.new_empty(labels.shape, dtype=torch.float32) for _ in range(4))
+    per_token = [labels.new_empty(shape, dtype=torch.float32) for shape in (labels.shape, labels.shape)]
+    pairs = [labels.new_empty((*labels.shape, 2), dtype=torch.float32) for _ in range(2)]
+    return (*per_token, *pairs)
 
 
 def _setup_context(ctx, inputs, output):
@@ -65,7 +67,8 @@ def divergence_forward(
     student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, kappa: Tensor, log_w: Tensor,
     kind: str, temperature: float, ignore_index: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per-token ``value`` and the backward's ``row_sum, lse_s, lse_t``, each fp32 [B, T].
+    """Per-token ``value`` and the backward's ``row_sum`` (fp32 [B, T]) and (max, log-sum) pairs
+    ``lse_s, lse_t`` (fp32 [B, T, 2]).
 
     Expects validated inputs: contiguous [B, T] labels, fp32 ``kappa`` [B] (0 = clipped) and
     ``log_w`` [B, 2] (log weights of q and p in the mixture); ``kind`` a key of
@@ -75,4 +78,5 @@ def divergence_forward(
     outputs = _impl(student_logits.device).forward(
         student_logits, teacher_logits, labels, kappa, log_w,
         kind=kind, temperature=temperature, ignore_index=ignore_index)
-    return tuple(x.view(B, T) for x in outputs)
+    value, row_sum, lse_s, lse_t = outputs
+    return value.view(B, T), row_sum.view(B, T), lse_s.view(B, T, 2), lse_t.view(B, T, 2)

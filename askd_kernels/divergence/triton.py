@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_math import NUM_WARPS, divergence_terms, row_logsumexp, vocab_block
+from .._triton_math import NUM_WARPS, divergence_terms, log_softmax_at, row_logsumexp, vocab_block
 
 KINDS = {"fkl": 0, "rkl": 1, "skl": 2, "srkl": 3, "jsd": 4, "tvd": 5}
 
@@ -40,11 +40,12 @@ def _row_setup(LABELS, KAPPA, LOG_W, T, ignore_index):
 
 
 @triton.jit
-def _block_log_probs(s_row, stride_sv, w_row, stride_wv, offs, n_read, inv_tau, lse_s, lse_t):
-    """log q and log p of the columns ``offs``; columns ≥ n_read read as −inf (probability 0)."""
+def _block_log_probs(s_row, stride_sv, w_row, stride_wv, offs, n_read, inv_tau, m_s, s_s, m_t, s_t):
+    """log q and log p of the columns ``offs`` from the rows' (max, log-sum) pairs; columns ≥ n_read
+    read as −inf (probability 0)."""
     z = tl.load(s_row + offs * stride_sv, mask=offs < n_read, other=float("-inf"))
     w = tl.load(w_row + offs * stride_wv, mask=offs < n_read, other=float("-inf"))
-    return z.to(tl.float32) * inv_tau - lse_s, w.to(tl.float32) * inv_tau - lse_t
+    return log_softmax_at(z, m_s, s_s, inv_tau), log_softmax_at(w, m_t, s_t, inv_tau)
 
 
 @triton.jit
@@ -53,7 +54,7 @@ def _divergence_forward_kernel(
     W, stride_wb, stride_wt, stride_wv,             # teacher logits [B, T, V_t], any strides
     V,                                              # shared vocabulary min(V_s, V_t)
     LABELS, KAPPA, LOG_W,                           # [B·T] int; [B] fp32 (0 = clipped); [B, 2] fp32
-    VALUE, ROW_SUM, LSE_S, LSE_T,                   # outputs [B·T] fp32
+    VALUE, ROW_SUM, LSE_S, LSE_T,                   # outputs [B·T], [B·T], [B·T, 2], [B·T, 2] fp32
     T, ignore_index, inv_tau,
     KIND: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -61,12 +62,14 @@ def _divergence_forward_kernel(
     n_blocks = tl.where(active, tl.cdiv(V, BLOCK), 0)  # inactive rows visit no vocabulary block
     s_row = S + b * stride_sb + t * stride_st
     w_row = W + b * stride_wb + t * stride_wt
-    lse_s = row_logsumexp(s_row, stride_sv, V, n_blocks, inv_tau, BLOCK)
-    lse_t = row_logsumexp(w_row, stride_wv, V, n_blocks, inv_tau, BLOCK)
+    m_s, s_s = row_logsumexp(s_row, stride_sv, V, n_blocks, inv_tau, BLOCK)
+    m_t, s_t = row_logsumexp(w_row, stride_wv, V, n_blocks, inv_tau, BLOCK)
     # Inactive rows store 0, not −inf: the backward never reads them, but keep the outputs finite.
-    # (Stored before pass 2 so that nothing but the two LSEs stays live across its loop.)
-    tl.store(LSE_S + row, tl.where(active, lse_s, 0.0))
-    tl.store(LSE_T + row, tl.where(active, lse_t, 0.0))
+    # (Stored before pass 2 so that nothing but the two pairs stays live across its loop.)
+    tl.store(LSE_S + 2 * row, tl.where(active, m_s, 0.0))
+    tl.store(LSE_S + 2 * row + 1, tl.where(active, s_s, 0.0))
+    tl.store(LSE_T + 2 * row, tl.where(active, m_t, 0.0))
+    tl.store(LSE_T + 2 * row + 1, tl.where(active, s_t, 0.0))
 
     cols = tl.arange(0, BLOCK)
     # Scalar accumulators (one reduction per block): vector ones would keep 2·BLOCK/threads more
@@ -74,7 +77,7 @@ def _divergence_forward_kernel(
     value = tl.zeros([], dtype=tl.float32)
     row_sum = tl.zeros([], dtype=tl.float32)
     for i in range(0, n_blocks):
-        x, y = _block_log_probs(s_row, stride_sv, w_row, stride_wv, i * BLOCK + cols, V, inv_tau, lse_s, lse_t)
+        x, y = _block_log_probs(s_row, stride_sv, w_row, stride_wv, i * BLOCK + cols, V, inv_tau, m_s, s_s, m_t, s_t)
         v, a, _q = divergence_terms(x, y, la, lb, KIND)
         value += tl.sum(v, axis=0)
         row_sum += tl.sum(a, axis=0)
@@ -87,26 +90,30 @@ def _divergence_backward_kernel(
     S, stride_sb, stride_st, stride_sv, V_s,        # student logits [B, T, V_s], any strides
     W, stride_wb, stride_wt, stride_wv, V,          # teacher logits, V = min(V_s, V_t)
     LABELS, KAPPA, LOG_W,                           # as in the forward kernel
-    LSE_S, LSE_T, ROW_SUM, G,                       # [B·T] fp32: forward outputs, upstream gradient
+    LSE_S, LSE_T, ROW_SUM, G,                       # fp32: forward outputs, upstream gradient [B·T]
     GRAD,                                           # output [B·T, V_s], contiguous, logits' dtype
     T, ignore_index, inv_tau,
     KIND: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row, b, t, active, la, lb = _row_setup(LABELS, KAPPA, LOG_W, T, ignore_index)
     scale = tl.where(active, tl.load(G + row), 0.0) * inv_tau
-    live = scale != 0.0
+    # A dead row's statistics are not read (they may be NaN from NaN logits): 0 keeps q = a = 0.
+    row_sum = tl.load(ROW_SUM + row, mask=scale != 0.0, other=0.0)
+    # An infinite S means an infinite value (rkl with q > 0 where p = 0): its gradient is 0, not NaN.
+    live = (scale != 0.0) & (row_sum != float("inf")) & (row_sum != float("-inf"))
     n_read = tl.where(live, V, 0)  # columns to read: none when the factor is zero
-    # A dead row's statistics are not read either (they may be NaN from NaN logits): 0 keeps q = a = 0.
-    lse_s = tl.load(LSE_S + row, mask=live, other=0.0)
-    lse_t = tl.load(LSE_T + row, mask=live, other=0.0)
-    row_sum = tl.load(ROW_SUM + row, mask=live, other=0.0)
+    m_s = tl.load(LSE_S + 2 * row, mask=live, other=0.0)
+    s_s = tl.load(LSE_S + 2 * row + 1, mask=live, other=0.0)
+    m_t = tl.load(LSE_T + 2 * row, mask=live, other=0.0)
+    s_t = tl.load(LSE_T + 2 * row + 1, mask=live, other=0.0)
+    row_sum = tl.where(live, row_sum, 0.0)
     s_row = S + b * stride_sb + t * stride_st
     w_row = W + b * stride_wb + t * stride_wt
     g_row = GRAD + row * V_s
     cols = tl.arange(0, BLOCK)
     for i in range(0, tl.cdiv(V_s, BLOCK)):
         offs = i * BLOCK + cols
-        x, y = _block_log_probs(s_row, stride_sv, w_row, stride_wv, offs, n_read, inv_tau, lse_s, lse_t)
+        x, y = _block_log_probs(s_row, stride_sv, w_row, stride_wv, offs, n_read, inv_tau, m_s, s_s, m_t, s_t)
         _v, a, q = divergence_terms(x, y, la, lb, KIND)  # columns ≥ V: q = a = 0, gradient 0
         grad = scale * (a - q * row_sum)
         tl.store(g_row + offs, grad.to(GRAD.dtype.element_ty), mask=offs < V_s)
@@ -115,13 +122,15 @@ def _divergence_backward_kernel(
 def forward(student_logits, teacher_logits, labels, kappa, log_w, *, kind, temperature, ignore_index):
     """Forward kernel. ``labels`` contiguous [B, T]; ``kappa`` [B] and ``log_w`` [B, 2] contiguous fp32.
 
-    Returns ``(value, row_sum, lse_s, lse_t)``, each fp32 of shape [B·T].
+    Returns fp32 ``(value [B·T], row_sum [B·T], lse_s [B·T, 2], lse_t [B·T, 2])``, the last two the
+    (max, log-sum) pairs of both rows over the shared vocabulary.
     """
     B, T, V_s = student_logits.shape
     V = min(V_s, teacher_logits.shape[2])
     n = B * T
     value = torch.empty(n, dtype=torch.float32, device=student_logits.device)
-    row_sum, lse_s, lse_t = (torch.empty_like(value) for _ in range(3))
+    row_sum = torch.empty_like(value)
+    lse_s, lse_t = (torch.empty((n, 2), dtype=torch.float32, device=value.device) for _ in range(2))
     _divergence_forward_kernel[(n,)](
         student_logits, *student_logits.stride(), teacher_logits, *teacher_logits.stride(), V,
         labels, kappa, log_w, value, row_sum, lse_s, lse_t,
@@ -133,7 +142,8 @@ def forward(student_logits, teacher_logits, labels, kappa, log_w, *, kind, tempe
 
 def backward(student_logits, teacher_logits, labels, kappa, log_w, lse_s, lse_t, row_sum, grad_value, *,
              kind, temperature, ignore_index):
-    """Backward kernel; ``grad_value`` is the contiguous fp32 [B·T] upstream gradient of the values.
+    """Backward kernel; ``grad_value`` is the contiguous fp32 [B·T] upstream gradient of the values,
+    ``lse_s``/``lse_t`` the contiguous [B·T, 2] pairs of the forward.
 
     Returns a new contiguous tensor shaped and typed like ``student_logits``.
     """
