@@ -63,6 +63,20 @@ def log_softmax_at(x, m, s, inv_tau):
 
 
 @triton.jit
+def store_pair(PAIRS, row, keep, m, s):
+    """Store a row's (max, log-sum) pair at ``PAIRS[row]`` of an fp32 [n, 2] tensor; (0, 0) where not
+    ``keep`` (ignored rows: nothing reads them, and 0 keeps every output finite)."""
+    tl.store(PAIRS + 2 * row, tl.where(keep, m, 0.0))
+    tl.store(PAIRS + 2 * row + 1, tl.where(keep, s, 0.0))
+
+
+@triton.jit
+def load_pair(PAIRS, row, live):
+    """A row's (max, log-sum) pair from an fp32 [n, 2] tensor; (0, 0) without reading where not ``live``."""
+    return tl.load(PAIRS + 2 * row, mask=live, other=0.0), tl.load(PAIRS + 2 * row + 1, mask=live, other=0.0)
+
+
+@triton.jit
 def log_mixture(log_a, log_1ma, x):
     """``log(e^{log_a} + e^{log_1ma + x})``, i.e. ``log(α + (1−α)·e^x)`` (the mixture term u_t).
 
@@ -142,3 +156,51 @@ def divergence_terms(x, y, la, lb, KIND: tl.constexpr):
             a = tl.where(q > 0.0, tl.exp(la) * q * (x - log_m), 0.0)
             value = tl.where(p > 0.0, tl.exp(lb) * p * (y - log_m), 0.0) + a
     return value, a, q
+
+
+@triton.jit
+def block_log_probs(s_row, stride_sv, n_s, w_row, stride_wv, n_t, offs, inv_tau, m_s, s_s, m_t, s_t):
+    """log q and log p at the columns ``offs`` of a student row and a teacher row, from their
+    (max, log-sum) pairs; student columns ≥ ``n_s`` and teacher columns ≥ ``n_t`` are not read and
+    give −inf (probability 0)."""
+    z = tl.load(s_row + offs * stride_sv, mask=offs < n_s, other=float("-inf"))
+    w = tl.load(w_row + offs * stride_wv, mask=offs < n_t, other=float("-inf"))
+    return log_softmax_at(z, m_s, s_s, inv_tau), log_softmax_at(w, m_t, s_t, inv_tau)
+
+
+@triton.jit
+def divergence_row_sums(s_row, stride_sv, n_s, w_row, stride_wv, n_t, n_blocks, inv_tau, m_s, s_s, m_t, s_t,
+                        la, lb, KIND: tl.constexpr, BLOCK: tl.constexpr):
+    """``(Σ_v f-terms, S = Σ_v a_v)`` of :func:`divergence_terms` over ``n_blocks`` blocks of a row
+    pair (see :func:`block_log_probs` for ``n_s``/``n_t``): a token's full-vocabulary value and the
+    statistic its gradient needs. Scalar accumulators (one reduction per block): vector ones would
+    keep 2·BLOCK/threads more registers live, which spills the heaviest kinds at the largest block."""
+    cols = tl.arange(0, BLOCK)
+    value = tl.zeros([], dtype=tl.float32)
+    row_sum = tl.zeros([], dtype=tl.float32)
+    for i in range(0, n_blocks):
+        x, y = block_log_probs(s_row, stride_sv, n_s, w_row, stride_wv, n_t, i * BLOCK + cols, inv_tau,
+                               m_s, s_s, m_t, s_t)
+        v, a, _q = divergence_terms(x, y, la, lb, KIND)
+        value += tl.sum(v, axis=0)
+        row_sum += tl.sum(a, axis=0)
+    return value, row_sum
+
+
+@triton.jit
+def divergence_row_gradient(g_row, s_row, stride_sv, V_s, n_s, w_row, stride_wv, n_t, inv_tau, m_s, s_s, m_t, s_t,
+                            la, lb, scale, row_sum, label, scale_label, KIND: tl.constexpr, BLOCK: tl.constexpr):
+    """Write one gradient row ``scale·(a_v − q_v·S) + scale_label·(q_v − 1[v = label])`` over the
+    student's ``V_s`` columns into ``g_row`` (in its dtype), with a_v, q_v of :func:`divergence_terms`
+    and S = ``row_sum``: the full-vocabulary divergence's gradient (``scale`` = g/τ) plus a
+    sampled-token REINFORCE term (``scale_label`` = c/τ; pass 0 and label −1 for none). The
+    divergence part is exactly 0 where ``scale`` is 0 (a dead row, or an infinite S whose a_v are
+    infinite). Columns ≥ ``n_s`` / ``n_t`` are not read (see :func:`block_log_probs`)."""
+    cols = tl.arange(0, BLOCK)
+    for i in range(0, tl.cdiv(V_s, BLOCK)):
+        offs = i * BLOCK + cols
+        x, y = block_log_probs(s_row, stride_sv, n_s, w_row, stride_wv, n_t, offs, inv_tau, m_s, s_s, m_t, s_t)
+        _v, a, q = divergence_terms(x, y, la, lb, KIND)
+        grad = tl.where(scale != 0.0, scale * (a - q * row_sum), 0.0)
+        grad += scale_label * (q - tl.where(offs == label, 1.0, 0.0))
+        tl.store(g_row + offs, grad.to(g_row.dtype.element_ty), mask=offs < V_s)

@@ -55,7 +55,9 @@ def _coefficients_specs():
     for block_t in (16, coefficients.BLOCK_T):
         sig = {
             "LOG_Q": "*fp32", "LOG_RATIO": "*fp32", "LOG_Q_OLD": "*fp32", "LABELS": "*i64",
-            "ALPHA": "*fp32", "SGO": "*i32", "KAPPA": "*fp32", "LAM": "*fp32", "COEF": "*fp32", "VALUE": "*fp32",
+            "FV_VALUE": "*fp32", "BASELINE": "*fp32",
+            "ALPHA": "*fp32", "SGO": "*i32", "KAPPA": "*fp32", "LAM": "*fp32", "COEF": "*fp32", "RET": "*fp32",
+            "VALUE": "*fp32",
             "T": "i32", "ignore_index": "i32", "gamma": "fp32", "w_max": "fp32", "estimator": "i32",
             "length_normalize": "i32", "BLOCK_T": "constexpr",
         }
@@ -100,7 +102,32 @@ def _divergence_specs():
             _triton_math.NUM_WARPS
 
 
-SPECS = [_row_stats_specs, _coefficients_specs, _gradient_specs, _divergence_specs]
+def _full_vocab_specs():
+    # The rao_blackwell estimator's stage (a) and (c) kernels: every logits dtype × smallest/largest
+    # block, plus the i64-stride variant.
+    variants = [(d, b, "i32") for d in LOGIT_TYPES for b in (16, _triton_math.MAX_BLOCK)]
+    variants.append(("*bf16", _triton_math.MAX_BLOCK, "i64"))
+    for dtype, block, stride in variants:
+        rows = {
+            "S": dtype, "stride_sb": stride, "stride_st": stride, "stride_sv": "constexpr", "V_s": "i32",
+            "W": dtype, "stride_wb": stride, "stride_wt": stride, "stride_wv": "constexpr", "V_t": "i32",
+        }
+        per_seq = {"ALPHA": "*fp32", "SGO": "*i32", "KAPPA": "*fp32"}
+        const = {"stride_sv": 1, "stride_wv": 1, "BLOCK": block}
+        forward = {**rows, "LABELS": "*i64", "T": "i32", "ignore_index": "i32", "inv_tau": "fp32", **per_seq,
+                   "LOG_Q": "*fp32", "LOG_RATIO": "*fp32", "LSE": "*fp32", "LSE_T": "*fp32",
+                   "FV_VALUE": "*fp32", "FV_SUM": "*fp32", "BLOCK": "constexpr"}
+        backward = {**rows, "LABELS": "*i64", "COEF": "*fp32", "LSE": "*fp32", "LSE_T": "*fp32", "FV_SUM": "*fp32",
+                    **per_seq, "G_SEQ": "*fp32", "GRAD": dtype, "T": "i32", "ignore_index": "i32", "inv_tau": "fp32",
+                    "BLOCK": "constexpr"}
+        label = f"{dtype[1:]},BLOCK={block},strides={stride}"
+        yield f"full_vocab_row_stats[{label}]", row_stats._full_vocab_row_stats_kernel, forward, const, \
+            _triton_math.NUM_WARPS
+        yield f"full_vocab_gradient[{label}]", gradient._full_vocab_gradient_kernel, backward, const, \
+            _triton_math.NUM_WARPS
+
+
+SPECS = [_row_stats_specs, _coefficients_specs, _gradient_specs, _divergence_specs, _full_vocab_specs]
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 

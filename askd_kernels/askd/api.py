@@ -22,6 +22,7 @@ def askd_loss(
     old_logprobs: Optional[Tensor] = None,
     is_max: Optional[float] = None,
     estimator: str = "exact",
+    baseline_groups: Optional[Tensor] = None,
     gamma: float = 1.0,
     length_normalize: bool = False,
     temperature: float = 1.0,
@@ -50,10 +51,17 @@ def askd_loss(
         old_logprobs: ``[B, T]`` log q_old(labels) of the policy that sampled the SGOs; enables the
             importance weight ``min(q/q_old, is_max)`` on SGO tokens (detached).
         is_max: cap of the importance weight (> 0); None = no cap.
-        estimator: ``"exact"`` (unbiased, default), ``"paper"`` (Eqs. 10–11) or ``"sequence"``
-            (Eqs. 8–9); see the README's estimator table.
-        gamma: discount in (0, 1] of the cumulative mixture term G_t.
-        length_normalize: divide G_t by the discounted number of remaining valid tokens.
+        estimator: ``"exact"`` (unbiased, default), ``"rao_blackwell"`` (unbiased, lower variance,
+            needs ``teacher_logits``: the full-vocabulary skl/srkl of each token plus the
+            sampled-token future return; the recommended choice when teacher logits exist),
+            ``"paper"`` (Eqs. 10–11) or ``"sequence"`` (Eqs. 8–9); see ``docs/contract.md`` §3.
+        baseline_groups: ``[B]`` integer group ids (responses to the same prompt share one), for
+            ``exact`` and ``rao_blackwell``: each SGO's return is reduced by the leave-one-out mean
+            of the other unclipped SGOs of its group at the same position (unbiased; lower variance).
+        gamma: discount in (0, 1] of the cumulative mixture term G_t; [0, 1] for ``rao_blackwell``,
+            where γ = 0 is the token-level full-vocabulary loss.
+        length_normalize: divide G_t by the discounted number of remaining valid tokens (not with
+            ``rao_blackwell``).
         temperature: τ > 0 applied to both logits (not to ``teacher_logprobs``).
         reduction: ``"mean"`` (Σ_b κ_b D_b / N), ``"sum"``, or ``"none"`` (the [B] vector κ_b D_b).
         num_items: N for ``"mean"``; default the number of valid tokens in the batch (a device
@@ -79,7 +87,8 @@ def askd_loss(
                                                       "teacher_logprobs": teacher_logprobs},
         student_generated=student_generated, alpha=alpha, clip=clip, old_logprobs=old_logprobs,
         is_max=is_max, estimator=estimator, gamma=gamma, length_normalize=length_normalize,
-        temperature=temperature, ignore_index=ignore_index, reduction=reduction, num_items=num_items)
+        temperature=temperature, ignore_index=ignore_index, reduction=reduction, num_items=num_items,
+        baseline_groups=baseline_groups)
 
     # ---- stages (a) + (b) in one custom op; the reduction stays in autograd-visible torch ------
     outputs = askd_forward(
@@ -99,6 +108,7 @@ class ASKDArgs(NamedTuple):
     alpha: Tensor                     # fp32 [B]
     kappa: Tensor                     # fp32 [B], 0 = clipped SGO
     old_logprobs: Optional[Tensor]    # detached fp32 contiguous [B, T]
+    baseline_groups: Optional[Tensor]  # int64 [B]
     w_max: float
     estimator: str
     gamma: float
@@ -110,13 +120,13 @@ class ASKDArgs(NamedTuple):
 
     def op_args(self):
         """The custom ops' arguments after the logits (or hidden states) and the teacher."""
-        return (self.student_generated, self.alpha, self.kappa, self.old_logprobs, self.w_max,
-                self.estimator, self.gamma, self.length_normalize, self.temperature, self.ignore_index)
+        return (self.student_generated, self.alpha, self.kappa, self.old_logprobs, self.baseline_groups,
+                self.w_max, self.estimator, self.gamma, self.length_normalize, self.temperature, self.ignore_index)
 
 
 def check_askd_options(device, labels, vocab, *, teachers, student_generated, alpha, clip, old_logprobs,
                        is_max, estimator, gamma, length_normalize, temperature, ignore_index, reduction,
-                       num_items, reference="student_logits") -> ASKDArgs:
+                       num_items, baseline_groups, reference="student_logits") -> ASKDArgs:
     """The checks every ASKD entry point shares, after its own checks of the student, ``labels``
     (already known to be [B, T] integer) and the teacher tensors (``teachers``: name → tensor or
     None, checked here only for their device). ``reference`` names the argument whose device is
@@ -132,23 +142,36 @@ def check_askd_options(device, labels, vocab, *, teachers, student_generated, al
     alpha = check.per_sequence_alpha(alpha, B, device)
     w_max = float("inf") if is_max is None else check.number("is_max", is_max, low=0.0, low_open=True)
     check.choice("estimator", estimator, tuple(ESTIMATORS))
-    gamma = check.number("gamma", gamma, low=0.0, high=1.0, low_open=True)
+    full_vocab = estimator == "rao_blackwell"
+    if full_vocab and teachers.get("teacher_logits") is None:
+        raise ValueError("estimator='rao_blackwell' needs teacher_logits (it sums over the teacher's "
+                         "vocabulary); teacher_logprobs are not enough")
+    # γ = 0 is allowed only where it means something: rao_blackwell's token-level full-vocabulary loss.
+    gamma = check.number("gamma", gamma, low=0.0, high=1.0, low_open=not full_vocab)
     if not isinstance(length_normalize, bool):
         raise TypeError(f"length_normalize must be a bool, got {type(length_normalize).__name__}")
+    if full_vocab and length_normalize:
+        raise ValueError("length_normalize is not defined for estimator='rao_blackwell'")
+    if baseline_groups is not None:
+        check.tensor("baseline_groups", baseline_groups, ndim=1, shape=(B,), integer=True)
+        check.same_device(device, reference=reference, baseline_groups=baseline_groups)
+        if estimator not in ("exact", "rao_blackwell"):
+            raise ValueError(f"baseline_groups needs estimator 'exact' or 'rao_blackwell', got {estimator!r}")
+        baseline_groups = baseline_groups.to(torch.int64).contiguous()
     temperature = check.temperature(temperature)
     check.integer("ignore_index", ignore_index)
     num_items = check.reduction_and_num_items(reduction, num_items, device)
     check.labels_in_vocab(labels, ignore_index, vocab)
     kappa = torch.where(sgo & clip, 0.0, 1.0) if clip is not None else torch.ones(B, device=device)
     return ASKDArgs(labels.contiguous(), sgo.to(torch.int32), alpha, kappa.float(),
-                    detached_fp32(old_logprobs), w_max, estimator, gamma, length_normalize, temperature,
+                    detached_fp32(old_logprobs), baseline_groups, w_max, estimator, gamma, length_normalize, temperature,
                     ignore_index, reduction, num_items)
 
 
 def finish_askd(outputs, args: ASKDArgs, return_stats: bool):
     """The reduction of the per-sequence values (differentiable torch ops) and the optional stats,
     from a forward op's ``(value, log_q, log_ratio, lam, coef, lse)``."""
-    value, log_q, log_ratio, lam, coef, _lse = outputs
+    value, log_q, log_ratio, lam, coef = outputs[:5]
     loss = check.apply_reduction(value, args.labels, args.ignore_index, args.reduction, args.num_items)
     if return_stats:
         return loss, {"log_q": log_q, "log_ratio": log_ratio, "lam": lam, "coef": coef}
@@ -189,6 +212,7 @@ class ASKDLoss(nn.Module):
     def __init__(self, **options):
         super().__init__()
         allowed = {"estimator", "gamma", "length_normalize", "temperature", "ignore_index", "reduction",
+                   "baseline_groups",
                    "num_items", "is_max", "return_stats", "alpha", "student_generated", "clip"}
         unknown = set(options) - allowed
         if unknown:

@@ -9,7 +9,7 @@ test oracle: ``reference/`` is written independently and materialises everything
 """
 import torch
 
-from .._torch_math import log_mixture, log_prob_at, log_softmax_at, row_chunks
+from .._torch_math import divergence_terms, log_mixture, log_prob_at, log_softmax_at, row_chunks
 
 
 def row_stats(student_logits, labels, teacher_logits, teacher_logprobs, *, temperature, ignore_index):
@@ -38,6 +38,45 @@ def row_stats(student_logits, labels, teacher_logits, teacher_logprobs, *, tempe
     return log_q, log_ratio, lse
 
 
+def _to_width(x, width):
+    """A chunk of log-probabilities cut or padded with −inf (probability 0) to ``width`` columns."""
+    return x[:, :width] if x.shape[1] >= width else torch.nn.functional.pad(x, (0, width - x.shape[1]),
+                                                                           value=float("-inf"))
+
+
+def _by_kind(sgo_rows):
+    """``(kind, row mask)`` pairs of a chunk: srkl for SGO rows, skl for TGO rows."""
+    return (("srkl", sgo_rows), ("skl", ~sgo_rows))
+
+
+def full_vocab_row_stats(student_logits, labels, teacher_logits, alpha, sgo, kappa, *, temperature, ignore_index):
+    """Stage (a) of ``rao_blackwell``; see :func:`.triton_row_stats.full_vocab_row_stats`. Returns fp32
+    ``(log_q, log_ratio, lse [·, 2], lse_t [·, 2], fv_value, fv_sum)`` over the B·T tokens."""
+    B, T, V_s = student_logits.shape
+    V_t = teacher_logits.shape[2]
+    n, width = B * T, max(V_s, V_t)
+    z, w = student_logits.reshape(n, V_s), teacher_logits.reshape(n, V_t)
+    flat_labels = labels.reshape(n)
+    valid = flat_labels != ignore_index
+    inv_tau = 1.0 / temperature
+    log_q, log_p, fv_value, fv_sum = (torch.zeros(n, dtype=torch.float32, device=z.device) for _ in range(4))
+    lse, lse_t = (torch.zeros((n, 2), dtype=torch.float32, device=z.device) for _ in range(2))
+    log_w = torch.stack([torch.log(alpha), torch.log1p(-alpha)], 1)
+    for idx, sel in row_chunks(valid.nonzero().squeeze(-1), n, width):
+        lab, seq = flat_labels[sel], idx // T
+        lq, ls = log_prob_at(z[sel], lab, inv_tau)
+        log_p[idx], lt = log_prob_at(w[sel], lab, inv_tau)
+        log_q[idx] = torch.where(lab < V_s, lq, float("nan"))  # as the kernel: NaN, never out of bounds
+        lse[idx], lse_t[idx] = ls, lt
+        x = _to_width(log_softmax_at(z[sel], ls[:, 0], ls[:, 1], inv_tau), width)
+        y = _to_width(log_softmax_at(w[sel], lt[:, 0], lt[:, 1], inv_tau), width)
+        for kind, rows in _by_kind(sgo[seq].bool()):
+            rows = rows & (kappa[seq] != 0)  # clipped sequences: no value, no gradient
+            v, a, _q = divergence_terms(x[rows], y[rows], log_w[seq[rows], :1], log_w[seq[rows], 1:], kind)
+            fv_value[idx[rows]], fv_sum[idx[rows]] = v.sum(-1), a.sum(-1)
+    return log_q, torch.where(valid, log_p - log_q, 0.0), lse, lse_t, fv_value, fv_sum
+
+
 def _suffix_sum(x):
     return torch.flip(torch.cumsum(torch.flip(x, (-1,)), -1), (-1,))
 
@@ -57,8 +96,8 @@ def _discounted_suffix_sums(x, valid, gamma):
 
 
 def coefficients(log_q, log_ratio, log_q_old, labels, alpha, sgo, kappa, *, estimator, gamma, w_max,
-                 length_normalize, ignore_index):
-    """Stage (b); see :mod:`.triton_coefficients`. Returns ``(lam, coef, value)``."""
+                 length_normalize, ignore_index, fv_value=None, baseline=None):
+    """Stage (b); see :func:`.triton_coefficients.coefficients`. Returns ``(lam, coef, ret, value)``."""
     B, T = labels.shape
     valid = labels != ignore_index
     ell = log_ratio.view(B, T)
@@ -78,10 +117,14 @@ def coefficients(log_q, log_ratio, log_q_old, labels, alpha, sgo, kappa, *, esti
     sum_l = torch.where(valid, ell, 0.0).sum(1, keepdim=True)
     u_seq = log_mixture(log_a, log_1ma, sum_l)
     sig_seq = torch.exp(log_a - u_seq)
+    # The SGO return that multiplies ∇log q(y_t): G_t, or F_t = G_t − u_t for rao_blackwell.
+    ret = {"exact": g, "paper": g, "sequence": torch.zeros_like(g), "rao_blackwell": g - u}[estimator]
+    ret_b = ret if baseline is None else ret - baseline.view(B, T)
     lam_tgo, lam_sgo = {
-        "exact": (rho, g + rho - 1.0),
+        "exact": (rho, ret_b + rho - 1.0),
         "paper": (p_suffix, g + p_suffix - 1.0),
         "sequence": (sig_seq.expand(B, T), (u_seq + sig_seq - 1.0).expand(B, T)),
+        "rao_blackwell": (torch.zeros_like(g), ret_b),
     }[estimator]
     is_sgo = sgo.bool().unsqueeze(1)
     weight = torch.clamp(torch.exp(log_q.view(B, T) - log_q_old.view(B, T)), max=w_max)
@@ -91,10 +134,12 @@ def coefficients(log_q, log_ratio, log_q_old, labels, alpha, sgo, kappa, *, esti
     # TGO: ℓ − u = log(p/m) = −log((1−α) + α e^{−ℓ}), finite when q = 0 at the label (ℓ = +inf).
     if estimator == "sequence":
         d = torch.where(is_sgo, -u_seq, -log_mixture(log_1ma, log_a, -sum_l)).squeeze(1)
+    elif estimator == "rao_blackwell":
+        d = torch.where(valid, fv_value.view(B, T), 0.0).sum(1)
     else:
         d = torch.where(valid, torch.where(is_sgo, -u, -log_mixture(log_1ma, log_a, -ell)), 0.0).sum(1)
     value = torch.where(kappa != 0, kappa * d, 0.0)
-    return torch.where(valid, lam, 0.0).reshape(-1), coef.reshape(-1), value
+    return torch.where(valid, lam, 0.0).reshape(-1), coef.reshape(-1), torch.where(valid, ret, 0.0).reshape(-1), value
 
 
 def student_gradient(student_logits, labels, coef, lse, grad_seq, *, temperature):
@@ -119,4 +164,34 @@ def student_gradient(student_logits, labels, coef, lse, grad_seq, *, temperature
         inside = (lab >= 0) & (lab < V_s)
         prob[torch.arange(idx.numel(), device=z.device), lab.clamp(0, V_s - 1)] -= torch.where(inside, scale[idx], 0.0)
         rows_out[sel] = prob.to(grad.dtype)
+    return grad
+
+
+def full_vocab_gradient(student_logits, labels, teacher_logits, coef, lse, lse_t, fv_sum, alpha, sgo, kappa, grad_seq,
+                        *, temperature, ignore_index):
+    """Stage (c) of ``rao_blackwell``; see :func:`.triton_gradient.full_vocab_gradient`."""
+    B, T, V_s = student_logits.shape
+    n = B * T
+    z, w = student_logits.reshape(n, V_s), teacher_logits.reshape(n, teacher_logits.shape[2])
+    flat_labels = labels.reshape(n)
+    g = grad_seq.repeat_interleave(T)
+    seq_of = torch.arange(n, device=z.device) // T
+    scale_label = coef * g / temperature
+    scale = torch.where(flat_labels != ignore_index, kappa[seq_of] * g / temperature, 0.0)
+    scale = torch.where(torch.isinf(fv_sum), 0.0, scale)  # an infinite value: zero gradient, not NaN
+    log_w = torch.stack([torch.log(alpha), torch.log1p(-alpha)], 1)
+    grad = torch.zeros((B, T, V_s), dtype=student_logits.dtype, device=z.device)
+    rows_out = grad.view(n, V_s)
+    inv_tau = 1.0 / temperature
+    for idx, sel in row_chunks(((scale != 0) | (scale_label != 0)).nonzero().squeeze(-1), n, V_s):
+        seq = idx // T
+        x = log_softmax_at(z[sel], lse[idx, 0], lse[idx, 1], inv_tau)
+        y = _to_width(log_softmax_at(w[sel], lse_t[idx, 0], lse_t[idx, 1], inv_tau), V_s)
+        lab = flat_labels[idx]
+        onehot = torch.nn.functional.one_hot(lab.clamp(0, V_s - 1), V_s).to(x.dtype)
+        for kind, rows in _by_kind(sgo[seq].bool()):
+            _v, a, q = divergence_terms(x[rows], y[rows], log_w[seq[rows], :1], log_w[seq[rows], 1:], kind)
+            k, s_row, c = scale[idx[rows]].unsqueeze(1), fv_sum[idx[rows]].unsqueeze(1), scale_label[idx[rows]].unsqueeze(1)
+            full = torch.where(k != 0, k * (a - q * s_row), 0.0)
+            rows_out[idx[rows]] = (full + c * (q - onehot[rows])).to(grad.dtype)
     return grad

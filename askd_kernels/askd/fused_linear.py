@@ -184,7 +184,7 @@ def _askd_backward(ctx, grad_value, *_unused_grads):
 
 
 def _askd_forward_fake(hidden, weight, bias, labels, *_options):
-    return forward_fake(labels)
+    return forward_fake(labels)[:6]
 
 
 @custom_op("linear_askd_forward", fake=_askd_forward_fake, backward=_askd_backward,
@@ -192,15 +192,15 @@ def _askd_forward_fake(hidden, weight, bias, labels, *_options):
 def linear_askd_forward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, teacher_logprobs: Tensor,
     student_generated: Tensor, alpha: Tensor, kappa: Tensor, old_logprobs: Optional[Tensor],
-    w_max: float, estimator: str, gamma: float, length_normalize: bool, temperature: float,
-    ignore_index: int,
+    baseline_groups: Optional[Tensor], w_max: float, estimator: str, gamma: float, length_normalize: bool,
+    temperature: float, ignore_index: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Chunked stage (a), then stage (b): ``value [B]`` and ``log_q, log_ratio, lam, coef, lse``
     [B, T] (fp32), exactly as ``askd_forward`` returns them for the materialised logits."""
     log_q, log_ratio, lse = _chunked_row_stats(hidden, weight, bias, labels, teacher_logprobs,
                                                temperature, ignore_index)
     lam, coef, value = run_coefficients(stages(hidden.device), log_q, log_ratio, labels, student_generated,
-                                        alpha, kappa, old_logprobs, w_max, estimator, gamma,
+                                        alpha, kappa, old_logprobs, baseline_groups, w_max, estimator, gamma,
                                         length_normalize, ignore_index)
     return (value, *(x.view(labels.shape) for x in (log_q, log_ratio, lam, coef)), lse.view(*labels.shape, 2))
 

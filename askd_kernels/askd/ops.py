@@ -23,32 +23,57 @@ from . import cpu, triton_coefficients, triton_gradient, triton_row_stats
 
 
 class Stages(NamedTuple):
-    row_stats: object         # (a) (log_q, log_ratio, lse) per token
-    coefficients: object      # (b) (lam, coef, value)
-    student_gradient: object  # (c) the gradient w.r.t. the student logits
+    row_stats: object             # (a) (log_q, log_ratio, lse) per token
+    coefficients: object          # (b) (lam, coef, ret, value)
+    student_gradient: object      # (c) the gradient w.r.t. the student logits
+    full_vocab_row_stats: object  # (a) of rao_blackwell: + lse_t, fv_value, fv_sum
+    full_vocab_gradient: object   # (c) of rao_blackwell
 
 
 def stages(device: torch.device) -> Stages:
     """The three stage functions for tensors on ``device`` (looked up at call time)."""
     if backend.use_triton(device):
-        return Stages(triton_row_stats.row_stats, triton_coefficients.coefficients,
-                      triton_gradient.student_gradient)
-    return Stages(cpu.row_stats, cpu.coefficients, cpu.student_gradient)
+        return Stages(triton_row_stats.row_stats, triton_coefficients.coefficients, triton_gradient.student_gradient,
+                      triton_row_stats.full_vocab_row_stats, triton_gradient.full_vocab_gradient)
+    return Stages(cpu.row_stats, cpu.coefficients, cpu.student_gradient, cpu.full_vocab_row_stats,
+                  cpu.full_vocab_gradient)
+
+
+def leave_one_out_baseline(ret, labels, student_generated, kappa, groups, ignore_index):
+    """Per-token baseline ``b[i, t]`` = mean of ``ret[j, t]`` over the other unclipped SGOs j of
+    sequence i's group (``groups[i] == groups[j]``) whose position t is valid; 0 where there is none.
+    It does not depend on sequence i's own sample, so subtracting it keeps the gradient unbiased.
+    Plain torch, O(B²·T) through a [B, B] same-group matrix: no host sync."""
+    B, T = labels.shape
+    member = ((labels != ignore_index) & ((student_generated != 0) & (kappa != 0)).unsqueeze(1)).float()
+    same = (groups.unsqueeze(0) == groups.unsqueeze(1)).float()
+    own = ret.view(B, T) * member
+    total, count = same @ own - own, same @ member - member
+    return torch.where(count > 0, total / count.clamp(min=1.0), 0.0).reshape(-1)
 
 
 def run_coefficients(stage: Stages, log_q, log_ratio, labels, student_generated, alpha, kappa, old_logprobs,
-                     w_max, estimator, gamma, length_normalize, ignore_index):
+                     baseline_groups, w_max, estimator, gamma, length_normalize, ignore_index, fv_value=None):
     """Stage (b) on flat [B·T] ``log_q``/``log_ratio``; ``old_logprobs=None`` means importance
-    weight 1 (log q − log q = 0, whatever the cap). Returns ``(lam, coef, value)``."""
+    weight 1 (log q − log q = 0, whatever the cap). With ``baseline_groups`` it runs twice: once for
+    the SGO returns, then with their :func:`leave_one_out_baseline`. Returns ``(lam, coef, value)``."""
     if old_logprobs is None:
         old_logprobs, w_max = log_q, float("inf")
-    return stage.coefficients(
-        log_q, log_ratio, old_logprobs.reshape(-1), labels, alpha, student_generated, kappa,
-        estimator=estimator, gamma=gamma, w_max=w_max, length_normalize=length_normalize,
-        ignore_index=ignore_index)
+
+    def run(baseline=None):
+        return stage.coefficients(
+            log_q, log_ratio, old_logprobs.reshape(-1), labels, alpha, student_generated, kappa,
+            estimator=estimator, gamma=gamma, w_max=w_max, length_normalize=length_normalize,
+            ignore_index=ignore_index, fv_value=fv_value, baseline=baseline)
+
+    lam, coef, ret, value = run()
+    if baseline_groups is not None:
+        lam, coef, _ret, value = run(leave_one_out_baseline(ret, labels, student_generated, kappa, baseline_groups,
+                                                            ignore_index))
+    return lam, coef, value
 
 
-def _backward_fake(student_logits, labels, coef, lse, grad_seq, temperature):
+def _backward_fake(student_logits, *_args):
     return torch.empty(student_logits.shape, dtype=student_logits.dtype, device=student_logits.device)
 
 
@@ -61,50 +86,85 @@ def askd_backward(student_logits: Tensor, labels: Tensor, coef: Tensor, lse: Ten
         temperature=temperature)
 
 
-def forward_fake(labels):
-    """Fake outputs of a forward op: ``value [B]``, ``log_q, log_ratio, lam, coef`` [B, T] and the
-    (max, log-sum) pairs ``lse`` [B, T, 2], all fp32."""
-    per_token = [labels.new_empty(labels.shape, dtype=torch.float32) for _ in range(4)]
-    lse = labels.new_empty((*labels.shape, 2), dtype=torch.float32)
-    return (labels.new_empty(labels.shape[:1], dtype=torch.float32), *per_token, lse)
+@custom_op("askd_full_vocab_backward", fake=_backward_fake)
+def askd_full_vocab_backward(
+    student_logits: Tensor, labels: Tensor, teacher_logits: Tensor, coef: Tensor, lse: Tensor, lse_t: Tensor,
+    fv_sum: Tensor, alpha: Tensor, student_generated: Tensor, kappa: Tensor, grad_seq: Tensor,
+    temperature: float, ignore_index: int,
+) -> Tensor:
+    """Stage (c) of ``rao_blackwell``: the full-vocabulary gradient plus the sampled-token future term."""
+    return stages(student_logits.device).full_vocab_gradient(
+        student_logits, labels, teacher_logits, coef.reshape(-1), lse.reshape(-1, 2), lse_t.reshape(-1, 2),
+        fv_sum.reshape(-1), alpha, student_generated, kappa, grad_seq.float().contiguous(),
+        temperature=temperature, ignore_index=ignore_index)
 
 
-def _forward_fake(student_logits, labels, *_options):
-    return forward_fake(labels)
+def forward_fake(labels, full_vocab=False):
+    """Fake outputs of a forward op: ``value [B]``, ``log_q, log_ratio, lam, coef`` [B, T], the
+    student's (max, log-sum) pairs ``lse`` [B, T, 2], then for ``rao_blackwell`` (``full_vocab``) the
+    teacher's pairs ``lse_t`` [B, T, 2] and ``fv_sum`` [B, T] (else two empty tensors); all fp32."""
+    def new(*shape):
+        return labels.new_empty(shape, dtype=torch.float32)
+    B, T = labels.shape
+    extra = (new(B, T, 2), new(B, T)) if full_vocab else (new(0), new(0))
+    return (new(B), new(B, T), new(B, T), new(B, T), new(B, T), new(B, T, 2), *extra)
+
+
+def _forward_fake(student_logits, labels, teacher_logits, teacher_logprobs, student_generated, alpha, kappa,
+                  old_logprobs, baseline_groups, w_max, estimator, *_options):
+    return forward_fake(labels, estimator == "rao_blackwell")
 
 
 def _setup_context(ctx, inputs, output):
-    student_logits, labels, *_, temperature, _ignore = inputs
-    _value, _log_q, _log_ratio, _lam, coef, lse = output
-    ctx.save_for_backward(student_logits, labels, coef, lse)
-    ctx.temperature = temperature
+    (student_logits, labels, teacher_logits, _tlp, student_generated, alpha, kappa, _old, _groups, _w_max,
+     estimator, _gamma, _norm, temperature, ignore_index) = inputs
+    _value, _log_q, _log_ratio, _lam, coef, lse, lse_t, fv_sum = output
+    ctx.save_for_backward(student_logits, labels, teacher_logits, coef, lse, lse_t, fv_sum, alpha,
+                          student_generated, kappa)
+    ctx.options = (estimator, temperature, ignore_index)
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _backward(ctx, grad_value, *_unused_grads):
     if not ctx.needs_input_grad[0]:
         return (None,)
-    student_logits, labels, coef, lse = ctx.saved_tensors
-    return (askd_backward(student_logits, labels, coef, lse, grad_value, ctx.temperature),)
+    student_logits, labels, teacher_logits, coef, lse, lse_t, fv_sum, alpha, sgo, kappa = ctx.saved_tensors
+    estimator, temperature, ignore_index = ctx.options
+    if estimator == "rao_blackwell":
+        return (askd_full_vocab_backward(student_logits, labels, teacher_logits, coef, lse, lse_t, fv_sum, alpha,
+                                         sgo, kappa, grad_value, temperature, ignore_index),)
+    return (askd_backward(student_logits, labels, coef, lse, grad_value, temperature),)
 
 
 @custom_op("askd_forward", fake=_forward_fake, backward=_backward, setup_context=_setup_context)
 def askd_forward(
     student_logits: Tensor, labels: Tensor, teacher_logits: Optional[Tensor],
     teacher_logprobs: Optional[Tensor], student_generated: Tensor, alpha: Tensor, kappa: Tensor,
-    old_logprobs: Optional[Tensor], w_max: float, estimator: str, gamma: float,
-    length_normalize: bool, temperature: float, ignore_index: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Stages (a)+(b). Returns ``value [B]``, ``log_q, log_ratio, lam, coef`` [B, T] and ``lse``
-    [B, T, 2] (the student's (max, log-sum) pair per token), all fp32.
+    old_logprobs: Optional[Tensor], baseline_groups: Optional[Tensor], w_max: float, estimator: str,
+    gamma: float, length_normalize: bool, temperature: float, ignore_index: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Stages (a)+(b). Returns ``value [B]``, ``log_q, log_ratio, lam, coef`` [B, T], ``lse``
+    [B, T, 2] (the student's (max, log-sum) pair per token), and for ``rao_blackwell`` the teacher's
+    pairs ``lse_t`` [B, T, 2] and the full-vocabulary ``fv_sum`` [B, T] (else empty), all fp32.
 
     Expects validated inputs: contiguous [B, T] labels / log-prob tensors, fp32 ``alpha`` and
-    ``kappa`` [B], int32 ``student_generated`` [B]. ``old_logprobs=None`` means importance weight 1.
+    ``kappa`` [B], int32 ``student_generated`` [B], int64 ``baseline_groups`` [B] or None.
+    ``old_logprobs=None`` means importance weight 1.
     """
     stage = stages(student_logits.device)
-    log_q, log_ratio, lse = stage.row_stats(
-        student_logits, labels, teacher_logits, teacher_logprobs,
-        temperature=temperature, ignore_index=ignore_index)
+    fv_value = None
+    if estimator == "rao_blackwell":
+        log_q, log_ratio, lse, lse_t, fv_value, fv_sum = stage.full_vocab_row_stats(
+            student_logits, labels, teacher_logits, alpha, student_generated, kappa,
+            temperature=temperature, ignore_index=ignore_index)
+        extra = (lse_t.view(*labels.shape, 2), fv_sum.view(labels.shape))
+    else:
+        log_q, log_ratio, lse = stage.row_stats(
+            student_logits, labels, teacher_logits, teacher_logprobs,
+            temperature=temperature, ignore_index=ignore_index)
+        extra = forward_fake(labels)[6:]
     lam, coef, value = run_coefficients(stage, log_q, log_ratio, labels, student_generated, alpha, kappa,
-                                        old_logprobs, w_max, estimator, gamma, length_normalize, ignore_index)
-    return (value, *(x.view(labels.shape) for x in (log_q, log_ratio, lam, coef)), lse.view(*labels.shape, 2))
+                                        old_logprobs, baseline_groups, w_max, estimator, gamma, length_normalize,
+                                        ignore_index, fv_value=fv_value)
+    per_token = (x.view(labels.shape) for x in (log_q, log_ratio, lam, coef))
+    return (value, *per_token, lse.view(*labels.shape, 2), *extra)

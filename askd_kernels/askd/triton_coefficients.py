@@ -28,7 +28,7 @@ import triton.language as tl
 
 from .._triton_math import discounted_add, log_mixture
 
-ESTIMATORS = {"exact": 0, "paper": 1, "sequence": 2}
+ESTIMATORS = {"exact": 0, "paper": 1, "sequence": 2, "rao_blackwell": 3}
 BLOCK_T = 1024
 NUM_WARPS = 4
 
@@ -36,8 +36,9 @@ NUM_WARPS = 4
 @triton.jit
 def _coefficients_kernel(
     LOG_Q, LOG_RATIO, LOG_Q_OLD, LABELS,            # [B·T]; LOG_Q_OLD may alias LOG_Q (weight 1)
+    FV_VALUE, BASELINE,                             # [B·T] fp32 (FV_VALUE read only for rao_blackwell)
     ALPHA, SGO, KAPPA,                              # [B] fp32, int32, fp32
-    LAM, COEF, VALUE,                               # outputs [B·T], [B·T], [B]
+    LAM, COEF, RET, VALUE,                          # outputs [B·T], [B·T], [B·T], [B]
     T, ignore_index, gamma, w_max, estimator, length_normalize,
     BLOCK_T: tl.constexpr,
 ):
@@ -87,22 +88,32 @@ def _coefficients_kernel(
         if length_normalize:
             g = g / tl.where(valid, n_rem, 1.0)
 
-        lam_tgo = tl.where(estimator == 0, rho, tl.where(estimator == 1, tl.exp(log_p), sig_seq))
-        lam_sgo = tl.where(estimator == 0, g + rho - 1.0,
-                           tl.where(estimator == 1, g + tl.exp(log_p) - 1.0, u_seq + sig_seq - 1.0))
+        # The return that multiplies ∇log q(y_t) on an SGO: G_t, or F_t = G_t − u_t for rao_blackwell
+        # (whose t' = t part is the full-vocabulary term of stage (a)); minus the baseline if any.
+        ret = tl.where(estimator == 3, g - u, tl.where(estimator == 2, 0.0, g))
+        baseline = tl.load(BASELINE + base + offs, mask=valid, other=0.0)
+        lam_tgo = tl.where(estimator == 0, rho, tl.where(estimator == 1, tl.exp(log_p),
+                                                         tl.where(estimator == 2, sig_seq, 0.0)))
+        lam_sgo = tl.where(estimator == 0, ret - baseline + rho - 1.0,
+                           tl.where(estimator == 1, g + tl.exp(log_p) - 1.0,
+                                    tl.where(estimator == 2, u_seq + sig_seq - 1.0, ret - baseline)))
         log_q = tl.load(LOG_Q + base + offs, mask=valid, other=0.0)
         log_q_old = tl.load(LOG_Q_OLD + base + offs, mask=valid, other=0.0)
         weight = tl.minimum(tl.exp(log_q - log_q_old), w_max, propagate_nan=tl.PropagateNan.ALL)
         lam = tl.where(sgo, lam_sgo, lam_tgo)
         coef = tl.where(sgo, weight, 1.0) * lam * kappa
         tl.store(LAM + base + offs, tl.where(valid, lam, 0.0), mask=offs < T)
+        tl.store(RET + base + offs, tl.where(valid, ret, 0.0), mask=offs < T)
         tl.store(COEF + base + offs, tl.where(valid, tl.where(kappa != 0.0, coef, 0.0), 0.0), mask=offs < T)
 
         first = pos == 0
         g_after = tl.sum(tl.where(first, g_in + f_in * g_after, 0.0), axis=0)
         n_after = tl.sum(tl.where(first, n_rem, 0.0), axis=0)
         log_p_after = tl.sum(tl.where(first, log_p, 0.0), axis=0)
-        sum_d += tl.where(valid, tl.where(sgo, -u, -log_mixture(log_1ma, log_a, -ell)), 0.0)
+        d_tok = tl.where(sgo, -u, -log_mixture(log_1ma, log_a, -ell))
+        if estimator == 3:
+            d_tok = tl.load(FV_VALUE + base + offs, mask=valid, other=0.0)
+        sum_d += tl.where(valid, d_tok, 0.0)
 
     d_seq = tl.where(sgo, -u_seq, -log_mixture(log_1ma, log_a, -sum_l))
     d = tl.where(estimator == 2, d_seq, tl.sum(sum_d, axis=0))
@@ -110,16 +121,21 @@ def _coefficients_kernel(
 
 
 def coefficients(log_q, log_ratio, log_q_old, labels, alpha, sgo, kappa, *, estimator, gamma, w_max,
-                 length_normalize, ignore_index):
-    """Launch stage (b). Inputs are contiguous; returns ``(lam [B·T], coef [B·T], value [B])``."""
+                 length_normalize, ignore_index, fv_value=None, baseline=None):
+    """Launch stage (b). Inputs are contiguous; ``fv_value`` [B·T] (stage (a)'s full-vocabulary
+    values) is required by ``rao_blackwell``; ``baseline`` [B·T] is subtracted from the SGO return.
+    Returns ``(lam [B·T], coef [B·T], ret [B·T], value [B])``, ``ret`` the SGO return before the
+    baseline (G_t, or F_t for ``rao_blackwell``; 0 for ``sequence``)."""
     B, T = labels.shape
-    lam = torch.empty_like(log_q)
-    coef = torch.empty_like(log_q)
+    lam, coef, ret = (torch.empty_like(log_q) for _ in range(3))
     value = torch.empty(B, dtype=torch.float32, device=log_q.device)
     block_t = min(BLOCK_T, max(16, triton.next_power_of_2(T)))
     _coefficients_kernel[(B,)](
-        log_q, log_ratio, log_q_old, labels, alpha, sgo, kappa, lam, coef, value,
+        log_q, log_ratio, log_q_old, labels,
+        log_ratio if fv_value is None else fv_value,  # an unread placeholder unless rao_blackwell
+        torch.zeros_like(log_q) if baseline is None else baseline,
+        alpha, sgo, kappa, lam, coef, ret, value,
         T, ignore_index, float(gamma), float(w_max), ESTIMATORS[estimator], int(length_normalize),
         BLOCK_T=block_t, num_warps=NUM_WARPS,
     )
-    return lam, coef, value
+    return lam, coef, ret, value

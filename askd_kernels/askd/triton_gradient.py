@@ -1,18 +1,27 @@
 """Stage (c) — the gradient with respect to the student logits (``docs/contract.md`` §4).
 
+:func:`student_gradient`, for the sampled-token estimators:
+
     ∂loss/∂z[b,t,v] = g_b · coef_t · (softmax(z[b,t]/τ)_v − 1[v = y_t]) / τ
 
 with ``coef_t = κ_b·w_t·λ_t`` from stage (b), ``g_b`` the upstream gradient of sequence b, and the
-softmax rebuilt from the (max, log-sum) pair that stage (a) kept. One streaming pass per token writes the
-row in the logits' dtype; a row whose factor is zero (ignored position, clipped sequence, λ = 0 at a
-boundary α, zero upstream gradient) masks every load, so it writes zeros without reading the logits.
+softmax rebuilt from the (max, log-sum) pair that stage (a) kept. One streaming pass per token writes
+the row in the logits' dtype; a row whose factor is zero (ignored position, clipped sequence, λ = 0 at
+a boundary α, zero upstream gradient) masks every load, so it writes zeros without reading the logits.
+
+:func:`full_vocab_gradient`, for ``rao_blackwell``: the gradient of the token's full-vocabulary skl or
+srkl plus the sampled-token future term,
+
+    ∂loss/∂z[b,t,v] = g_b · [κ_b·(a_v − q_v·S_t) + coef_t·(q_v − 1[v = y_t])] / τ,
+
+reading the student and the teacher row once (6 bytes per logit pair in bf16, with the write).
 The only allocation is the gradient itself.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .._triton_math import NUM_WARPS, log_softmax_at, vocab_block
+from .._triton_math import NUM_WARPS, divergence_row_gradient, load_pair, log_softmax_at, vocab_block
 
 
 @triton.jit
@@ -30,8 +39,7 @@ def _gradient_kernel(
     label = tl.load(LABELS + row)
     n_read = tl.where(scale != 0.0, V_s, 0)  # columns to read: none when the factor is zero
     # Not even the row's log-sum-exp: a zero-factor row with NaN logits must still write exact zeros.
-    m = tl.load(LSE + 2 * row, mask=n_read > 0, other=0.0)
-    s = tl.load(LSE + 2 * row + 1, mask=n_read > 0, other=0.0)
+    m, s = load_pair(LSE, row, n_read > 0)
     s_row = S + b * stride_sb + t * stride_st
     g_row = GRAD + row * V_s
     cols = tl.arange(0, BLOCK)
@@ -44,6 +52,45 @@ def _gradient_kernel(
         tl.store(g_row + offs, grad.to(GRAD.dtype.element_ty), mask=in_row)
 
 
+@triton.jit
+def _full_vocab_gradient_kernel(
+    S, stride_sb, stride_st, stride_sv, V_s,        # student logits [B, T, V_s], any strides
+    W, stride_wb, stride_wt, stride_wv, V_t,        # teacher logits [B, T, V_t], any strides
+    LABELS, COEF, LSE, LSE_T, FV_SUM,               # [B·T] int, fp32; [B·T, 2] ×2; [B·T] fp32
+    ALPHA, SGO, KAPPA, G_SEQ,                       # [B] fp32, int32, fp32, fp32
+    GRAD,                                           # output [B·T, V_s], contiguous, logits' dtype
+    T, ignore_index, inv_tau,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row % T
+    label = tl.load(LABELS + row)
+    g = tl.load(G_SEQ + b)
+    scale_label = tl.load(COEF + row) * g * inv_tau         # the future term, c_t·g/τ (0 on TGOs)
+    scale = tl.where(label != ignore_index, tl.load(KAPPA + b) * g * inv_tau, 0.0)
+    # As in the divergence family: a zero factor reads nothing; an infinite S (an infinite value)
+    # gives the full-vocabulary part a zero gradient instead of NaN.
+    row_sum = tl.load(FV_SUM + row, mask=scale != 0.0, other=0.0)
+    scale = tl.where((row_sum == float("inf")) | (row_sum == float("-inf")), 0.0, scale)
+    live = (scale != 0.0) | (scale_label != 0.0)
+    m_s, s_s = load_pair(LSE, row, live)
+    m_t, s_t = load_pair(LSE_T, row, scale != 0.0)
+    alpha = tl.load(ALPHA + b)
+    la = tl.log(alpha)
+    lb = tl.log(1.0 - alpha)
+    s_row = S + b * stride_sb + t * stride_st
+    w_row = W + b * stride_wb + t * stride_wt
+    n_s = tl.where(live, V_s, 0)
+    n_t = tl.where(scale != 0.0, V_t, 0)
+    if tl.load(SGO + b) != 0:
+        divergence_row_gradient(GRAD + row * V_s, s_row, stride_sv, V_s, n_s, w_row, stride_wv, n_t, inv_tau,
+                                m_s, s_s, m_t, s_t, la, lb, scale, row_sum, label, scale_label, 3, BLOCK)
+    else:
+        divergence_row_gradient(GRAD + row * V_s, s_row, stride_sv, V_s, n_s, w_row, stride_wv, n_t, inv_tau,
+                                m_s, s_s, m_t, s_t, la, lb, scale, row_sum, label, scale_label, 2, BLOCK)
+
+
 def student_gradient(student_logits, labels, coef, lse, grad_seq, *, temperature):
     """Launch stage (c); returns a new contiguous tensor shaped and typed like ``student_logits``."""
     B, T, V_s = student_logits.shape
@@ -52,6 +99,24 @@ def student_gradient(student_logits, labels, coef, lse, grad_seq, *, temperature
         student_logits, *student_logits.stride(), V_s,
         labels, coef, lse, grad_seq, grad,
         T, 1.0 / temperature,
+        BLOCK=vocab_block(V_s), num_warps=NUM_WARPS,
+    )
+    return grad
+
+
+def full_vocab_gradient(student_logits, labels, teacher_logits, coef, lse, lse_t, fv_sum, alpha, sgo, kappa, grad_seq,
+                        *, temperature, ignore_index):
+    """Launch stage (c) of the ``rao_blackwell`` estimator: per row, g_b·κ_b·(a_v − q_v·S_t)/τ (the
+    gradient of the token's full-vocabulary skl or srkl, :func:`divergence_terms` kinds 2 and 3) plus
+    g_b·coef_t·(q_v − 1[v = y_t])/τ (the sampled-token future term). Returns a new contiguous tensor
+    shaped and typed like ``student_logits``."""
+    B, T, V_s = student_logits.shape
+    grad = torch.empty((B, T, V_s), dtype=student_logits.dtype, device=student_logits.device)
+    _full_vocab_gradient_kernel[(B * T,)](
+        student_logits, *student_logits.stride(), V_s,
+        teacher_logits, *teacher_logits.stride(), teacher_logits.shape[2],
+        labels, coef, lse, lse_t, fv_sum, alpha, sgo, kappa, grad_seq, grad,
+        T, ignore_index, 1.0 / temperature,
         BLOCK=vocab_block(V_s), num_warps=NUM_WARPS,
     )
     return grad

@@ -1,21 +1,47 @@
-"""Stage (a) — row statistics: one streaming pass per token over the vocabulary (``docs/contract.md`` §2).
+"""Stage (a) — row statistics: streaming passes per token over the vocabulary (``docs/contract.md`` §2).
 
-For every position (b, t) with a valid label y it computes, in fp32 and from raw logits,
+For every position (b, t) with a valid label y, :func:`row_stats` computes, in fp32 from raw logits,
 
     log q_t = z[y]/τ − logsumexp(z/τ)            (student, over its own V_s)
     log p_t = w[y]/τ − logsumexp(w/τ)            (teacher, over its own V_t; y ≥ V_t ⇒ −inf)
     ℓ_t     = log p_t − log q_t
 
-and keeps the student's ``(max, log-sum)`` pair of :func:`row_logsumexp` for the backward pass. When the caller already has the teacher's
-log-probs, the teacher pass is skipped (``TEACHER_LOGITS=False``) and ``log p_t`` is read as given.
+and keeps the student's ``(max, log-sum)`` pair of :func:`row_logsumexp` for the backward pass. When
+the caller already has the teacher's log-probs, the teacher pass is skipped (``TEACHER_LOGITS=False``)
+and ``log p_t`` is read as given.
+
+:func:`full_vocab_row_stats` is stage (a) of the ``rao_blackwell`` estimator: the same quantities plus
+a second pass over both rows for the token's full-vocabulary divergence — skl_t = Σ_v p log(p/m) on a
+TGO, srkl_t = Σ_v q log(q/m) on an SGO, over the union of both vocabularies — and S_t = Σ_v a_v, the
+statistic of its gradient (:func:`divergence_terms`). Each element of both rows is read twice (8
+bytes per logit pair in bf16), the same traffic as the divergence family's forward.
+
 Ignored positions visit no vocabulary block and write zeros. Nothing of size tokens × vocab is
-allocated: the outputs are fp32 vectors of length B·T (the pair: [B·T, 2]).
+allocated: the outputs are fp32 vectors of length B·T (the pairs: [B·T, 2]).
 """
 import torch
 import triton
 import triton.language as tl
 
-from .._triton_math import NUM_WARPS, log_softmax_at, row_logsumexp, vocab_block
+from .._triton_math import NUM_WARPS, divergence_row_sums, log_softmax_at, row_logsumexp, store_pair, vocab_block
+
+
+@triton.jit
+def _label_log_prob(row_ptr, stride_v, n_cols, label, valid, inv_tau, outside, BLOCK: tl.constexpr):
+    """``(m, s, log softmax(row/τ)[label])`` of one row; the row is not visited when not ``valid``.
+    A label outside [0, n_cols) reads ``outside`` instead of the logit (NaN for the student, whose
+    labels must lie in its vocabulary: a caller bug we cannot raise on without a host sync; −inf for
+    the teacher, which cannot emit a label ≥ V_t: p = 0 exactly)."""
+    m, s = row_logsumexp(row_ptr, stride_v, n_cols, tl.where(valid, tl.cdiv(n_cols, BLOCK), 0), inv_tau, BLOCK)
+    x_y = tl.load(row_ptr + label * stride_v, mask=valid & (label >= 0) & (label < n_cols), other=outside)
+    return m, s, log_softmax_at(x_y, m, s, inv_tau)
+
+
+@triton.jit
+def _store_label_stats(LOG_Q, LOG_RATIO, LSE, row, valid, log_q, log_p, m_s, s_s):
+    tl.store(LOG_Q + row, tl.where(valid, log_q, 0.0))
+    tl.store(LOG_RATIO + row, tl.where(valid, log_p - log_q, 0.0))
+    store_pair(LSE, row, valid, m_s, s_s)
 
 
 @triton.jit
@@ -32,28 +58,53 @@ def _row_stats_kernel(
     t = row % T
     label = tl.load(LABELS + row)
     valid = label != ignore_index
-
-    s_row = S + b * stride_sb + t * stride_st
-    m_s, s_s = row_logsumexp(s_row, stride_sv, V_s, tl.where(valid, tl.cdiv(V_s, BLOCK), 0), inv_tau, BLOCK)
-    # A label outside [0, V_s) that is not ignore_index is a caller bug we cannot raise on without a
-    # host sync: it poisons log q with NaN instead of reading out of bounds.
-    z_y = tl.load(s_row + label * stride_sv, mask=valid & (label >= 0) & (label < V_s), other=float("nan"))
-    log_q = log_softmax_at(z_y, m_s, s_s, inv_tau)
-
+    m_s, s_s, log_q = _label_log_prob(S + b * stride_sb + t * stride_st, stride_sv, V_s, label, valid, inv_tau,
+                                      float("nan"), BLOCK)
     if TEACHER_LOGITS:
-        w_row = W + b * stride_wb + t * stride_wt
-        m_t, s_t = row_logsumexp(w_row, stride_wv, V_t, tl.where(valid, tl.cdiv(V_t, BLOCK), 0), inv_tau, BLOCK)
-        # y ≥ V_t: the teacher cannot emit y, p = 0 exactly (log p = −inf).
-        w_y = tl.load(w_row + label * stride_wv, mask=valid & (label >= 0) & (label < V_t), other=float("-inf"))
-        log_p = log_softmax_at(w_y, m_t, s_t, inv_tau)
+        _m, _s, log_p = _label_log_prob(W + b * stride_wb + t * stride_wt, stride_wv, V_t, label, valid, inv_tau,
+                                        float("-inf"), BLOCK)
     else:
         log_p = tl.load(LOGP_T + row, mask=valid, other=0.0).to(tl.float32)
+    _store_label_stats(LOG_Q, LOG_RATIO, LSE, row, valid, log_q, log_p, m_s, s_s)
 
-    tl.store(LOG_Q + row, tl.where(valid, log_q, 0.0))
-    tl.store(LOG_RATIO + row, tl.where(valid, log_p - log_q, 0.0))
-    # Ignored rows store (0, 0), not −inf: the gradient kernel never reads them, keep them finite.
-    tl.store(LSE + 2 * row, tl.where(valid, m_s, 0.0))
-    tl.store(LSE + 2 * row + 1, tl.where(valid, s_s, 0.0))
+
+@triton.jit
+def _full_vocab_row_stats_kernel(
+    S, stride_sb, stride_st, stride_sv, V_s,        # student logits [B, T, V_s], any strides
+    W, stride_wb, stride_wt, stride_wv, V_t,        # teacher logits [B, T, V_t], any strides
+    LABELS, T, ignore_index, inv_tau,               # labels [B·T] contiguous
+    ALPHA, SGO, KAPPA,                              # [B] fp32, int32, fp32
+    LOG_Q, LOG_RATIO, LSE, LSE_T,                   # outputs [B·T], [B·T], [B·T, 2], [B·T, 2] fp32
+    FV_VALUE, FV_SUM,                               # outputs [B·T] fp32
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row % T
+    label = tl.load(LABELS + row)
+    valid = label != ignore_index
+    s_row = S + b * stride_sb + t * stride_st
+    w_row = W + b * stride_wb + t * stride_wt
+    m_s, s_s, log_q = _label_log_prob(s_row, stride_sv, V_s, label, valid, inv_tau, float("nan"), BLOCK)
+    m_t, s_t, log_p = _label_log_prob(w_row, stride_wv, V_t, label, valid, inv_tau, float("-inf"), BLOCK)
+    _store_label_stats(LOG_Q, LOG_RATIO, LSE, row, valid, log_q, log_p, m_s, s_s)
+    store_pair(LSE_T, row, valid, m_t, s_t)
+
+    # Pass 2 over the union of both vocabularies (q = 0 beyond V_s, p = 0 beyond V_t): the
+    # token's full-vocabulary divergence (skl on a TGO, srkl on an SGO) and S for the backward.
+    alpha = tl.load(ALPHA + b)
+    la = tl.log(alpha)
+    lb = tl.log(1.0 - alpha)
+    active = valid & (tl.load(KAPPA + b) != 0.0)  # a clipped sequence has no value and no gradient
+    n_blocks = tl.where(active, tl.cdiv(tl.maximum(V_s, V_t), BLOCK), 0)
+    if tl.load(SGO + b) != 0:
+        value, row_sum = divergence_row_sums(s_row, stride_sv, V_s, w_row, stride_wv, V_t, n_blocks, inv_tau,
+                                             m_s, s_s, m_t, s_t, la, lb, 3, BLOCK)
+    else:
+        value, row_sum = divergence_row_sums(s_row, stride_sv, V_s, w_row, stride_wv, V_t, n_blocks, inv_tau,
+                                             m_s, s_s, m_t, s_t, la, lb, 2, BLOCK)
+    tl.store(FV_VALUE + row, value)  # 0 for inactive rows: their loop is empty
+    tl.store(FV_SUM + row, row_sum)
 
 
 def row_stats(student_logits, labels, teacher_logits, teacher_logprobs, *, temperature, ignore_index):
@@ -85,3 +136,25 @@ def row_stats(student_logits, labels, teacher_logits, teacher_logprobs, *, tempe
         TEACHER_LOGITS=has_teacher, BLOCK=block, num_warps=NUM_WARPS,
     )
     return log_q, log_ratio, lse
+
+
+def full_vocab_row_stats(student_logits, labels, teacher_logits, alpha, sgo, kappa, *, temperature, ignore_index):
+    """Launch stage (a) of the ``rao_blackwell`` estimator: :func:`row_stats`' outputs plus the
+    teacher's (max, log-sum) pairs ``lse_t`` [B·T, 2] and, per token, the full-vocabulary divergence
+    ``fv_value`` (skl on TGOs, srkl on SGOs, over the union of both vocabularies, each model
+    normalised over its own) and ``fv_sum`` = S = Σ_v a_v (:func:`divergence_terms`), fp32 [B·T]; 0
+    at ignored positions and in clipped sequences."""
+    B, T, V_s = student_logits.shape
+    V_t = teacher_logits.shape[2]
+    n = B * T
+    dev = student_logits.device
+    log_q, log_ratio, fv_value, fv_sum = (torch.empty(n, dtype=torch.float32, device=dev) for _ in range(4))
+    lse, lse_t = (torch.empty((n, 2), dtype=torch.float32, device=dev) for _ in range(2))
+    _full_vocab_row_stats_kernel[(n,)](
+        student_logits, *student_logits.stride(), V_s,
+        teacher_logits, *teacher_logits.stride(), V_t,
+        labels, T, ignore_index, 1.0 / temperature, alpha, sgo, kappa,
+        log_q, log_ratio, lse, lse_t, fv_value, fv_sum,
+        BLOCK=vocab_block(max(V_s, V_t)), num_warps=NUM_WARPS,
+    )
+    return log_q, log_ratio, lse, lse_t, fv_value, fv_sum

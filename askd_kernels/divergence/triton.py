@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_math import NUM_WARPS, divergence_terms, log_softmax_at, row_logsumexp, vocab_block
+from .._triton_math import (NUM_WARPS, divergence_row_gradient, divergence_row_sums, load_pair, row_logsumexp,
+                            store_pair, vocab_block)
 
 KINDS = {"fkl": 0, "rkl": 1, "skl": 2, "srkl": 3, "jsd": 4, "tvd": 5}
 
@@ -37,15 +38,6 @@ def _row_setup(LABELS, KAPPA, LOG_W, T, ignore_index):
     t = row % T
     active = (tl.load(LABELS + row) != ignore_index) & (tl.load(KAPPA + b) != 0.0)
     return row, b, t, active, tl.load(LOG_W + 2 * b), tl.load(LOG_W + 2 * b + 1)
-
-
-@triton.jit
-def _block_log_probs(s_row, stride_sv, w_row, stride_wv, offs, n_read, inv_tau, m_s, s_s, m_t, s_t):
-    """log q and log p of the columns ``offs`` from the rows' (max, log-sum) pairs; columns ≥ n_read
-    read as −inf (probability 0)."""
-    z = tl.load(s_row + offs * stride_sv, mask=offs < n_read, other=float("-inf"))
-    w = tl.load(w_row + offs * stride_wv, mask=offs < n_read, other=float("-inf"))
-    return log_softmax_at(z, m_s, s_s, inv_tau), log_softmax_at(w, m_t, s_t, inv_tau)
 
 
 @triton.jit
@@ -66,21 +58,11 @@ def _divergence_forward_kernel(
     m_t, s_t = row_logsumexp(w_row, stride_wv, V, n_blocks, inv_tau, BLOCK)
     # Inactive rows store 0, not −inf: the backward never reads them, but keep the outputs finite.
     # (Stored before pass 2 so that nothing but the two pairs stays live across its loop.)
-    tl.store(LSE_S + 2 * row, tl.where(active, m_s, 0.0))
-    tl.store(LSE_S + 2 * row + 1, tl.where(active, s_s, 0.0))
-    tl.store(LSE_T + 2 * row, tl.where(active, m_t, 0.0))
-    tl.store(LSE_T + 2 * row + 1, tl.where(active, s_t, 0.0))
+    store_pair(LSE_S, row, active, m_s, s_s)
+    store_pair(LSE_T, row, active, m_t, s_t)
 
-    cols = tl.arange(0, BLOCK)
-    # Scalar accumulators (one reduction per block): vector ones would keep 2·BLOCK/threads more
-    # registers live, which spills the heaviest kinds at the largest block.
-    value = tl.zeros([], dtype=tl.float32)
-    row_sum = tl.zeros([], dtype=tl.float32)
-    for i in range(0, n_blocks):
-        x, y = _block_log_probs(s_row, stride_sv, w_row, stride_wv, i * BLOCK + cols, V, inv_tau, m_s, s_s, m_t, s_t)
-        v, a, _q = divergence_terms(x, y, la, lb, KIND)
-        value += tl.sum(v, axis=0)
-        row_sum += tl.sum(a, axis=0)
+    value, row_sum = divergence_row_sums(s_row, stride_sv, V, w_row, stride_wv, V, n_blocks, inv_tau,
+                                         m_s, s_s, m_t, s_t, la, lb, KIND, BLOCK)
     tl.store(VALUE + row, value)  # 0 for inactive rows: their loop is empty
     tl.store(ROW_SUM + row, row_sum)
 
@@ -102,21 +84,14 @@ def _divergence_backward_kernel(
     # An infinite S means an infinite value (rkl with q > 0 where p = 0): its gradient is 0, not NaN.
     live = (scale != 0.0) & (row_sum != float("inf")) & (row_sum != float("-inf"))
     n_read = tl.where(live, V, 0)  # columns to read: none when the factor is zero
-    m_s = tl.load(LSE_S + 2 * row, mask=live, other=0.0)
-    s_s = tl.load(LSE_S + 2 * row + 1, mask=live, other=0.0)
-    m_t = tl.load(LSE_T + 2 * row, mask=live, other=0.0)
-    s_t = tl.load(LSE_T + 2 * row + 1, mask=live, other=0.0)
+    m_s, s_s = load_pair(LSE_S, row, live)
+    m_t, s_t = load_pair(LSE_T, row, live)
     row_sum = tl.where(live, row_sum, 0.0)
     s_row = S + b * stride_sb + t * stride_st
     w_row = W + b * stride_wb + t * stride_wt
-    g_row = GRAD + row * V_s
-    cols = tl.arange(0, BLOCK)
-    for i in range(0, tl.cdiv(V_s, BLOCK)):
-        offs = i * BLOCK + cols
-        x, y = _block_log_probs(s_row, stride_sv, w_row, stride_wv, offs, n_read, inv_tau, m_s, s_s, m_t, s_t)
-        _v, a, q = divergence_terms(x, y, la, lb, KIND)  # columns ≥ V: q = a = 0, gradient 0
-        grad = scale * (a - q * row_sum)
-        tl.store(g_row + offs, grad.to(GRAD.dtype.element_ty), mask=offs < V_s)
+    # Columns ≥ V: q = a = 0, gradient 0.
+    divergence_row_gradient(GRAD + row * V_s, s_row, stride_sv, V_s, n_read, w_row, stride_wv, n_read, inv_tau,
+                            m_s, s_s, m_t, s_t, la, lb, scale, row_sum, -1, 0.0, KIND, BLOCK)
 
 
 def forward(student_logits, teacher_logits, labels, kappa, log_w, *, kind, temperature, ignore_index):
