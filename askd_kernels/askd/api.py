@@ -143,9 +143,10 @@ def check_askd_options(device, labels, vocab, *, teachers, student_generated, al
     w_max = float("inf") if is_max is None else check.number("is_max", is_max, low=0.0, low_open=True)
     check.choice("estimator", estimator, tuple(ESTIMATORS))
     full_vocab = estimator == "rao_blackwell"
-    if full_vocab and teachers.get("teacher_logits") is None:
-        raise ValueError("estimator='rao_blackwell' needs teacher_logits (it sums over the teacher's "
-                         "vocabulary); teacher_logprobs are not enough")
+    if full_vocab and teachers.get("teacher_logits") is None and teachers.get("teacher_hidden") is None:
+        raise ValueError("estimator='rao_blackwell' needs the teacher's logits (teacher_logits, or "
+                         "teacher_hidden with its head): it sums over the teacher's vocabulary; "
+                         "teacher_logprobs are not enough")
     # γ = 0 is allowed only where it means something: rao_blackwell's token-level full-vocabulary loss.
     gamma = check.number("gamma", gamma, low=0.0, high=1.0, low_open=not full_vocab)
     if not isinstance(length_normalize, bool):

@@ -32,7 +32,7 @@ CUDA, the chunked PyTorch stages of :mod:`askd_kernels.askd.cpu` on CPU. All thr
 ``torch.compile(fullgraph=True)`` traces through them.
 """
 import inspect
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -53,46 +53,70 @@ def chunk_rows(vocab: int, hidden_size: int) -> int:
     return rows - rows % TILE_ROWS if rows >= 2 * TILE_ROWS else rows
 
 
-def _chunks(hidden: Tensor, vocab: int):
-    """Yield ``(start, stop, rows)``: consecutive chunks of the B·T rows of ``hidden`` [B, T, H].
+class Head(NamedTuple):
+    """A linear head: ``hidden [B, T, H]``, ``weight [V, H]``, ``bias [V]`` or None."""
+    hidden: Tensor
+    weight: Tensor
+    bias: Optional[Tensor]
 
-    ``rows`` is a view when the strides allow one; otherwise (e.g. ``hidden[:, :-1]`` of a contiguous
-    buffer) only that chunk's rows are gathered, never a copy of all of ``hidden``.
-    """
-    B, T, H = hidden.shape
-    n = B * T
-    try:
-        flat = hidden.view(n, H)
-    except RuntimeError:
-        flat = None
+    def rows(self, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` of the B·T rows of ``hidden``: a view when the strides allow one;
+        otherwise (e.g. ``hidden[:, :-1]`` of a contiguous buffer) only those rows are gathered,
+        never a copy of all of ``hidden``."""
+        B, T, H = self.hidden.shape
+        try:
+            return self.hidden.view(B * T, H)[start:stop]
+        except RuntimeError:
+            i = torch.arange(start, stop, device=self.hidden.device)
+            return self.hidden[i // T, i % T]
+
+    def logits(self, rows: Tensor) -> Tensor:
+        """The chunk's logits ``[1, C, V]`` in the inputs' dtype."""
+        out = torch.mm(rows, self.weight.T) if self.bias is None else torch.addmm(self.bias, rows, self.weight.T)
+        return out.unsqueeze(0)
+
+
+def _chunks(student: Head, teacher: Optional[Head]):
+    """Consecutive ``(start, stop)`` chunks of the B·T rows, :func:`chunk_rows` long for the logits of
+    both heads together."""
+    B, T, H = student.hidden.shape
+    vocab = student.weight.shape[0] + (0 if teacher is None else teacher.weight.shape[0])
     step = chunk_rows(vocab, H)
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        if flat is not None:
-            yield start, stop, flat[start:stop]
-        else:
-            i = torch.arange(start, stop, device=hidden.device)
-            yield start, stop, hidden[i // T, i % T]
+    for start in range(0, B * T, step):
+        yield start, min(B * T, start + step)
 
 
-def _logits(rows: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """One chunk's logits ``[1, C, V]`` in the inputs' dtype."""
-    out = torch.mm(rows, weight.T) if bias is None else torch.addmm(bias, rows, weight.T)
-    return out.unsqueeze(0)
+def _per_row(logits: Tensor) -> Tensor:
+    """A chunk's logits ``[1, C, V]`` as ``[C, 1, V]``: every row its own length-1 sequence, for the
+    rao_blackwell stages, which take their per-sequence inputs per token here."""
+    return logits.view(logits.shape[1], 1, logits.shape[2])
 
 
-def _chunked_row_stats(hidden, weight, bias, labels, teacher_logprobs, temperature, ignore_index):
-    """Stage (a) chunk by chunk: fp32 ``(log_q, log_ratio, lse)`` [B·T]. Without ``teacher_logprobs``
-    the teacher slot reads zeros and ``log_ratio`` is meaningless."""
-    stage = stages(hidden.device)
+def _chunked_row_stats(student: Head, labels, teacher_logprobs, teacher: Optional[Head], temperature, ignore_index,
+                       per_token=None):
+    """Stage (a) chunk by chunk. Returns fp32 ``[log_q, log_ratio, lse]`` over the B·T tokens, and for
+    rao_blackwell (``per_token`` = the per-token α, SGO flag and κ) also ``lse_t, fv_value, fv_sum``.
+    The teacher is its head's logits, else ``teacher_logprobs``; without either the teacher slot reads
+    zeros and ``log_ratio`` is meaningless."""
+    stage = stages(student.hidden.device)
     n = labels.numel()
     flat_labels = labels.view(n)
-    out = [torch.empty(shape, dtype=torch.float32, device=hidden.device) for shape in (n, n, (n, 2))]
-    for start, stop, rows in _chunks(hidden, weight.shape[0]):
-        teacher = (torch.zeros(stop - start, dtype=torch.float32, device=hidden.device)
-                   if teacher_logprobs is None else teacher_logprobs.view(n)[start:stop])
-        stats = stage.row_stats(_logits(rows, weight, bias), flat_labels[start:stop].view(1, -1), None,
-                                 teacher.view(1, -1), temperature=temperature, ignore_index=ignore_index)
+    shapes = (n, n, (n, 2)) + (((n, 2), n, n) if per_token is not None else ())
+    out = [torch.empty(shape, dtype=torch.float32, device=student.hidden.device) for shape in shapes]
+    for start, stop in _chunks(student, teacher):
+        z = student.logits(student.rows(start, stop))
+        lab = flat_labels[start:stop]
+        w = None if teacher is None else teacher.logits(teacher.rows(start, stop))
+        if per_token is not None:
+            stats = stage.full_vocab_row_stats(_per_row(z), lab.view(-1, 1), _per_row(w),
+                                               *(x[start:stop] for x in per_token),
+                                               temperature=temperature, ignore_index=ignore_index)
+        else:
+            tlp = None
+            if w is None:
+                tlp = (torch.zeros(stop - start, dtype=torch.float32, device=z.device)
+                       if teacher_logprobs is None else teacher_logprobs.view(n)[start:stop]).view(1, -1)
+            stats = stage.row_stats(z, lab.view(1, -1), w, tlp, temperature=temperature, ignore_index=ignore_index)
         for dst, src in zip(out, stats):
             dst[start:stop] = src
     return out
@@ -113,10 +137,13 @@ def _add_weight_grad(acc: Tensor, grad_rows: Tensor, rows: Tensor) -> None:
         acc.addmm_(grad_rows.T.float(), rows.float())
 
 
-def _chunked_backward(hidden, weight, bias, labels, scale, lse, temperature, need_hidden, need_weight,
-                      need_bias):
+def _chunked_backward(student: Head, labels, scale, lse, temperature, ignore_index, need_hidden, need_weight,
+                      need_bias, teacher: Optional[Head] = None, full_vocab=None):
     """Stage (c) chunk by chunk with per-token factor ``scale`` (fp32 [B·T], zero where no gradient),
-    then the two GEMMs of the linear layer. Gradients not needed come back as empty tensors."""
+    then the two GEMMs of the linear layer. For rao_blackwell, ``full_vocab`` holds the per-token
+    ``(lse_t, fv_sum, κ·g, α, SGO flag)`` and ``teacher`` the teacher's head. Gradients not needed
+    come back as empty tensors."""
+    hidden, weight = student.hidden, student.weight
     stage = stages(hidden.device)
     B, T, H = hidden.shape
     V = weight.shape[0]
@@ -125,11 +152,21 @@ def _chunked_backward(hidden, weight, bias, labels, scale, lse, temperature, nee
     grad_hidden = torch.empty((B, T, H) if need_hidden else (0,), dtype=hidden.dtype, device=dev)
     grad_weight = torch.zeros((V, H) if need_weight else (0,), dtype=torch.float32, device=dev)
     grad_bias = torch.zeros((V,) if need_bias else (0,), dtype=torch.float32, device=dev)
-    one = torch.ones(1, dtype=torch.float32, device=dev)  # g is already folded into ``scale``
-    for start, stop, rows in _chunks(hidden, V):
-        grad_rows = stage.student_gradient(
-            _logits(rows, weight, bias), flat_labels[start:stop].view(1, -1), scale[start:stop],
-            lse[start:stop], one, temperature=temperature)[0]
+    for start, stop in _chunks(student, teacher):
+        rows = student.rows(start, stop)
+        z = student.logits(rows)
+        lab = flat_labels[start:stop]
+        # g is already folded into the per-token factors: the per-sequence upstream gradient is 1.
+        one = torch.ones(stop - start, dtype=torch.float32, device=dev)
+        if full_vocab is not None:
+            lse_t, fv_sum, kappa_g, alpha, sgo = (x[start:stop] for x in full_vocab)
+            w = teacher.logits(teacher.rows(start, stop))
+            grad_rows = stage.full_vocab_gradient(
+                _per_row(z), lab.view(-1, 1), _per_row(w), scale[start:stop], lse[start:stop], lse_t, fv_sum,
+                alpha, sgo, kappa_g, one, temperature=temperature, ignore_index=ignore_index).view(-1, V)
+        else:
+            grad_rows = stage.student_gradient(z, lab.view(1, -1), scale[start:stop], lse[start:stop], one[:1],
+                                               temperature=temperature)[0]
         if need_hidden:
             torch.mm(grad_rows, weight, out=grad_hidden.view(B * T, H)[start:stop])
         if need_weight:
@@ -141,8 +178,9 @@ def _chunked_backward(hidden, weight, bias, labels, scale, lse, temperature, nee
 
 # ---- custom ops ------------------------------------------------------------------------------------
 
-def _linear_backward_fake(hidden, weight, bias, labels, scale, lse, temperature, need_hidden, need_weight,
-                          need_bias):
+def _linear_backward_fake(hidden, weight, bias, *args):
+    need_hidden, need_weight, need_bias = args[-3:]
+
     def like(t, needed):
         return t.new_empty(t.shape if needed else (0,), dtype=weight.dtype)
     return like(hidden, need_hidden), like(weight, need_weight), like(weight[:, 0], need_bias)
@@ -151,58 +189,94 @@ def _linear_backward_fake(hidden, weight, bias, labels, scale, lse, temperature,
 @custom_op("linear_backward", fake=_linear_backward_fake)
 def linear_backward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, scale: Tensor, lse: Tensor,
-    temperature: float, need_hidden: bool, need_weight: bool, need_bias: bool,
+    teacher_hidden: Optional[Tensor], teacher_weight: Optional[Tensor], teacher_bias: Optional[Tensor],
+    lse_t: Optional[Tensor], fv_sum: Optional[Tensor], kappa_g: Optional[Tensor], alpha: Optional[Tensor],
+    student_generated: Optional[Tensor], temperature: float, ignore_index: int,
+    need_hidden: bool, need_weight: bool, need_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients w.r.t. hidden, weight and bias of ``Σ_t scale_t · log q_t``'s REINFORCE form:
-    ``grad_logits = scale_t·(softmax(z/τ) − onehot(y_t))/τ``. Unneeded ones are empty tensors."""
-    return _chunked_backward(hidden, weight, bias, labels, scale.float().contiguous().view(-1),
-                             lse.contiguous().view(-1, 2), temperature, need_hidden, need_weight, need_bias)
+    """Gradients w.r.t. hidden, weight and bias of the REINFORCE form ``grad_logits =
+    scale_t·(softmax(z/τ) − onehot(y_t))/τ`` — plus, for rao_blackwell (``teacher_hidden`` given), the
+    full-vocabulary part ``κ·g·(a − q·S)/τ`` with the per-token ``lse_t, fv_sum, kappa_g, alpha,
+    student_generated``. Unneeded gradients are empty tensors."""
+    def flat(x, *shape):
+        return x.float().contiguous().view(-1, *shape)
+
+    teacher = full_vocab = None
+    if teacher_hidden is not None:
+        teacher = Head(teacher_hidden, teacher_weight, teacher_bias)
+        full_vocab = (flat(lse_t, 2), flat(fv_sum), flat(kappa_g), flat(alpha), student_generated.contiguous())
+    return _chunked_backward(Head(hidden, weight, bias), labels, flat(scale), flat(lse, 2), temperature, ignore_index,
+                             need_hidden, need_weight, need_bias, teacher, full_vocab)
 
 
-def _linear_grads(ctx, scale):
+def _linear_grads(ctx, scale, full_vocab=(None,) * 8):
     """``(grad_hidden, grad_weight, grad_bias)`` for the inputs that need one, else None, from the
-    saved ``hidden, weight, bias, labels, …, lse`` and the per-token factor ``scale``."""
-    hidden, weight, bias, labels, *_, lse = ctx.saved_tensors
+    saved ``hidden, weight, bias, labels, lse``, the per-token factor ``scale`` and, for
+    rao_blackwell, the teacher head and per-token tensors of :func:`linear_backward`."""
+    hidden, weight, bias, labels, lse = ctx.saved_tensors[:5]
     need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
     if not any(need):
         return None, None, None
-    grads = linear_backward(hidden, weight, bias, labels, scale, lse, ctx.temperature, *need)
+    grads = linear_backward(hidden, weight, bias, labels, scale, lse, *full_vocab, ctx.temperature,
+                            ctx.ignore_index, *need)
     return tuple(g if needed else None for g, needed in zip(grads, need))
 
 
 def _askd_setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels = inputs[:4]
-    *_, coef, lse = output
-    ctx.save_for_backward(hidden, weight, bias, labels, coef, lse)
-    ctx.temperature = inputs[-2]
+    (hidden, weight, bias, labels, _tlp, teacher_hidden, teacher_weight, teacher_bias, student_generated, alpha,
+     kappa, _old, _groups, _w_max, estimator, _gamma, _norm, temperature, ignore_index) = inputs
+    _value, _log_q, _log_ratio, _lam, coef, lse, lse_t, fv_sum = output
+    ctx.save_for_backward(hidden, weight, bias, labels, lse, coef, teacher_hidden, teacher_weight, teacher_bias,
+                          lse_t, fv_sum, alpha, student_generated, kappa)
+    ctx.full_vocab = estimator == "rao_blackwell"
+    ctx.temperature, ctx.ignore_index = temperature, ignore_index
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _askd_backward(ctx, grad_value, *_unused_grads):
-    coef = ctx.saved_tensors[4]
-    return _linear_grads(ctx, coef * grad_value.float().unsqueeze(1))  # κ·w·λ·g_b per token
+    coef, t_hidden, t_weight, t_bias, lse_t, fv_sum, alpha, sgo, kappa = ctx.saved_tensors[5:]
+    g = grad_value.float().unsqueeze(1)
+    scale = coef * g  # κ·w·λ·g_b per token (the future term's factor for rao_blackwell)
+    if not ctx.full_vocab:
+        return _linear_grads(ctx, scale)
+    T = coef.shape[1]
+    per_token = [x.repeat_interleave(T) for x in ((kappa.unsqueeze(1) * g).squeeze(1), alpha, sgo)]
+    return _linear_grads(ctx, scale, (t_hidden, t_weight, t_bias, lse_t, fv_sum, *per_token))
 
 
-def _askd_forward_fake(hidden, weight, bias, labels, *_options):
-    return forward_fake(labels)[:6]
+def _askd_forward_fake(hidden, weight, bias, labels, _tlp, _th, _tw, _tb, _sgo, _alpha, _kappa, _old, _groups,
+                       _w_max, estimator, *_options):
+    return forward_fake(labels, estimator == "rao_blackwell")
 
 
 @custom_op("linear_askd_forward", fake=_askd_forward_fake, backward=_askd_backward,
            setup_context=_askd_setup_context)
 def linear_askd_forward(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, teacher_logprobs: Tensor,
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, teacher_logprobs: Optional[Tensor],
+    teacher_hidden: Optional[Tensor], teacher_weight: Optional[Tensor], teacher_bias: Optional[Tensor],
     student_generated: Tensor, alpha: Tensor, kappa: Tensor, old_logprobs: Optional[Tensor],
     baseline_groups: Optional[Tensor], w_max: float, estimator: str, gamma: float, length_normalize: bool,
     temperature: float, ignore_index: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Chunked stage (a), then stage (b): ``value [B]`` and ``log_q, log_ratio, lam, coef, lse``
-    [B, T] (fp32), exactly as ``askd_forward`` returns them for the materialised logits."""
-    log_q, log_ratio, lse = _chunked_row_stats(hidden, weight, bias, labels, teacher_logprobs,
-                                               temperature, ignore_index)
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Chunked stage (a), then stage (b): the outputs of ``askd_forward`` for the materialised logits
+    (``value [B]``, ``log_q, log_ratio, lam, coef`` [B, T], ``lse`` [B, T, 2], and for rao_blackwell
+    ``lse_t`` [B, T, 2] and ``fv_sum`` [B, T], else empty). The teacher is ``teacher_logprobs`` or the
+    head ``teacher_hidden @ teacher_weight.T + teacher_bias``."""
+    B, T = labels.shape
+    teacher = None if teacher_hidden is None else Head(teacher_hidden, teacher_weight, teacher_bias)
+    per_token = None
+    if estimator == "rao_blackwell":
+        per_token = [x.repeat_interleave(T).contiguous() for x in (alpha, student_generated, kappa)]
+    stats = _chunked_row_stats(Head(hidden, weight, bias), labels, teacher_logprobs, teacher, temperature,
+                               ignore_index, per_token)
+    log_q, log_ratio, lse = stats[:3]
+    fv_value = stats[4] if per_token is not None else None
     lam, coef, value = run_coefficients(stages(hidden.device), log_q, log_ratio, labels, student_generated,
                                         alpha, kappa, old_logprobs, baseline_groups, w_max, estimator, gamma,
-                                        length_normalize, ignore_index)
-    return (value, *(x.view(labels.shape) for x in (log_q, log_ratio, lam, coef)), lse.view(*labels.shape, 2))
+                                        length_normalize, ignore_index, fv_value=fv_value)
+    extra = ((stats[3].view(B, T, 2), stats[5].view(B, T)) if per_token is not None
+             else forward_fake(labels)[6:])
+    return (value, *(x.view(B, T) for x in (log_q, log_ratio, lam, coef)), lse.view(B, T, 2), *extra)
 
 
 def _logprobs_setup_context(ctx, inputs, output):
@@ -228,7 +302,7 @@ def _logprobs_fake(hidden, weight, bias, labels, temperature, ignore_index):
 def linear_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                             temperature: float, ignore_index: int) -> tuple[Tensor, Tensor]:
     """Chunked stage (a) without a teacher: ``log_q`` and ``lse``, fp32 [B, T], 0 at ignored positions."""
-    log_q, _, lse = _chunked_row_stats(hidden, weight, bias, labels, None, temperature, ignore_index)
+    log_q, _, lse = _chunked_row_stats(Head(hidden, weight, bias), labels, None, None, temperature, ignore_index)
     return log_q.view(labels.shape), lse.view(*labels.shape, 2)
 
 
@@ -293,32 +367,54 @@ def askd_loss_from_hidden(
     labels: Tensor,
     *,
     lm_head_bias: Optional[Tensor] = None,
-    teacher_logprobs: Tensor,
+    teacher_logprobs: Optional[Tensor] = None,
+    teacher_hidden: Optional[Tensor] = None,
+    teacher_lm_head_weight: Optional[Tensor] = None,
+    teacher_lm_head_bias: Optional[Tensor] = None,
     **options,
 ):
     """``askd_loss`` of the logits ``student_hidden @ lm_head_weight.T + lm_head_bias``, computed
     chunk by chunk so that tokens × vocabulary logits never exist (peak extra memory O(chunk × V)).
 
     ``student_hidden [B, T, H]``, ``lm_head_weight [V, H]`` and ``lm_head_bias [V]`` share one
-    floating dtype (fp32/bf16/fp16) and get gradients in it; the teacher comes as
+    floating dtype (fp32/bf16/fp16) and get gradients in it. The teacher comes either as
     ``teacher_logprobs [B, T]`` (e.g. :func:`token_logprobs` of the teacher's head under
-    ``torch.no_grad()``). Every other argument (``student_generated``, ``alpha``, ``clip``, …,
-    ``return_stats``: the keyword-only options of :func:`askd_kernels.askd_loss`, with the same
-    defaults), the value and the REINFORCE-style gradient are those of ``askd_loss`` on the
-    materialised logits (which are
-    rounded to the inputs' dtype there too); ``grad_weight``/``grad_bias`` are accumulated in fp32
-    over the chunks and returned in the weight's dtype.
+    ``torch.no_grad()``) or as its own head — ``teacher_hidden [B, T, H_t]``,
+    ``teacher_lm_head_weight [V_t, H_t]``, optional ``teacher_lm_head_bias [V_t]`` (one dtype,
+    detached) — whose logits are formed chunk by chunk too; ``estimator="rao_blackwell"`` needs the
+    head. Every other argument (``student_generated``, ``alpha``, ``clip``, …, ``return_stats``: the
+    keyword-only options of :func:`askd_kernels.askd_loss`, with the same defaults), the value and
+    the gradient are those of ``askd_loss`` on the materialised logits (which are rounded to the
+    inputs' dtype there too); ``grad_weight``/``grad_bias`` are accumulated in fp32 over the chunks
+    and returned in the weight's dtype.
     """
     B, T, V = _check_head(student_hidden, lm_head_weight, lm_head_bias,
                           ("student_hidden", "lm_head_weight", "lm_head_bias"))
     check.tensor("labels", labels, shape=(B, T), integer=True)
-    check.tensor("teacher_logprobs", teacher_logprobs, shape=(B, T), floating=check.LOGIT_DTYPES)
+    if teacher_logprobs is None and teacher_hidden is None:
+        raise TypeError("askd_loss_from_hidden() missing the teacher: pass teacher_logprobs, or teacher_hidden "
+                        "with teacher_lm_head_weight")
+    if teacher_logprobs is not None and teacher_hidden is not None:
+        raise ValueError("pass exactly one of teacher_logprobs and teacher_hidden (with teacher_lm_head_weight)")
+    teacher = None
+    if teacher_hidden is not None:
+        if teacher_lm_head_weight is None:
+            raise ValueError("teacher_hidden needs teacher_lm_head_weight")
+        _check_head(teacher_hidden, teacher_lm_head_weight, teacher_lm_head_bias,
+                    ("teacher_hidden", "teacher_lm_head_weight", "teacher_lm_head_bias"))
+        if teacher_hidden.shape[:2] != (B, T):
+            raise ValueError(f"teacher_hidden must have shape [B={B}, T={T}, H_t], got {tuple(teacher_hidden.shape)}")
+        teacher = tuple(None if x is None else x.detach()
+                        for x in (teacher_hidden, teacher_lm_head_weight, teacher_lm_head_bias))
+    else:
+        check.tensor("teacher_logprobs", teacher_logprobs, shape=(B, T), floating=check.LOGIT_DTYPES)
     options = bind_options("askd_loss_from_hidden", options)
     return_stats = options.pop("return_stats")
-    args = check_askd_options(student_hidden.device, labels, V, teachers={"teacher_logprobs": teacher_logprobs},
+    args = check_askd_options(student_hidden.device, labels, V,
+                              teachers={"teacher_logprobs": teacher_logprobs, "teacher_hidden": teacher_hidden},
                               reference="student_hidden", **options)
     outputs = linear_askd_forward(student_hidden, lm_head_weight, lm_head_bias, args.labels,
-                                  detached_fp32(teacher_logprobs), *args.op_args())
+                                  detached_fp32(teacher_logprobs), *(teacher or (None,) * 3), *args.op_args())
     return finish_askd(outputs, args, return_stats)
 
 
