@@ -103,3 +103,16 @@ def test_bad_input(no_kernels, overrides, exc, name):
     with pytest.raises(exc, match=rf"\b{re.escape(name)}\b") as info:
         ak.askd_loss(student, labels, teacher, **kw)
     assert not isinstance(info.value, KernelRan)
+
+
+@pytest.mark.parametrize("estimator", ["exact", "rao_blackwell"])
+def test_alpha_one_sgo_with_q_zero_at_the_label_has_zero_gradient(backend, estimator):
+    """α = 1 makes an SGO's mixture the student itself: value 0 and an exactly zero gradient, even
+    where the student gives its label probability 0 (without old_logprobs the importance weight is
+    1 there, not exp(−inf − (−inf)) = NaN)."""
+    student, teacher, labels = problem(8, B=1, T=3, V_s=6)
+    student[0, 1, labels[0, 1]] = float("-inf")
+    loss, grad = _loss_and_grad(lambda z: ak.askd_loss(z, labels, teacher, student_generated=True, alpha=1.0,
+                                                       estimator=estimator), student)
+    assert loss.item() == 0.0
+    assert torch.equal(grad, torch.zeros_like(grad))

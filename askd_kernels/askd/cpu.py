@@ -128,6 +128,7 @@ def coefficients(log_q, log_ratio, log_q_old, labels, alpha, sgo, kappa, *, esti
     }[estimator]
     is_sgo = sgo.bool().unsqueeze(1)
     weight = torch.clamp(torch.exp(log_q.view(B, T) - log_q_old.view(B, T)), max=w_max)
+    weight = torch.where(log_q.view(B, T) == log_q_old.view(B, T), 1.0, weight)  # ratio 1, even at q = 0
     lam = torch.where(is_sgo, lam_sgo, lam_tgo)
     k = kappa.unsqueeze(1)
     coef = torch.where(valid & (k != 0), torch.where(is_sgo, weight, 1.0) * lam * k, 0.0)

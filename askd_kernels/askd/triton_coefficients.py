@@ -100,6 +100,7 @@ def _coefficients_kernel(
         log_q = tl.load(LOG_Q + base + offs, mask=valid, other=0.0)
         log_q_old = tl.load(LOG_Q_OLD + base + offs, mask=valid, other=0.0)
         weight = tl.minimum(tl.exp(log_q - log_q_old), w_max, propagate_nan=tl.PropagateNan.ALL)
+        weight = tl.where(log_q == log_q_old, 1.0, weight)  # a ratio of 1, even for q = q_old = 0
         lam = tl.where(sgo, lam_sgo, lam_tgo)
         coef = tl.where(sgo, weight, 1.0) * lam * kappa
         tl.store(LAM + base + offs, tl.where(valid, lam, 0.0), mask=offs < T)
