@@ -17,7 +17,7 @@ SUPPRESSED = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 
 
 @st.composite
-def askd_cases(draw):
+def askd_cases(draw, estimators=("exact", "paper", "sequence")):
     """One random problem: tensors from a drawn seed plus every keyword option."""
     g, student, teacher, labels = logits_and_labels(draw, max_T=40)
     (B, T, V_s), V_t = student.shape, teacher.shape[2]
@@ -39,7 +39,7 @@ def askd_cases(draw):
         alpha = torch.tensor([float(draw(st.sampled_from([0.0, 1.0]))) for _ in range(B)])
     kw = dict(
         student_generated=sgo, alpha=alpha,
-        estimator=draw(st.sampled_from(["exact", "paper", "sequence"])),
+        estimator=draw(st.sampled_from(estimators)),
         gamma=draw(st.sampled_from([1.0, 0.9, 0.5])),
         length_normalize=draw(st.booleans()),
         temperature=draw(st.sampled_from([1.0, 0.7, 2.0])),
@@ -54,8 +54,13 @@ def askd_cases(draw):
         kw["num_items"] = draw(st.sampled_from([None, 7, "tensor"]))
         if kw["num_items"] == "tensor":
             kw["num_items"] = torch.tensor(5.0)
+    full_vocab = kw["estimator"] == "rao_blackwell"
+    if full_vocab:  # γ = 0 is its token-level limit; no length normalisation
+        kw.update(gamma=draw(st.sampled_from([1.0, 0.9, 0.0])), length_normalize=False)
+    if kw["estimator"] in ("exact", "rao_blackwell") and draw(st.booleans()):
+        kw["baseline_groups"] = torch.randint(0, 2, (B,), generator=g)
     teacher_arg, teacher_kw = teacher, {}
-    if draw(st.booleans()):  # the teacher's log-probs instead of its logits
+    if not full_vocab and draw(st.booleans()):  # the teacher's log-probs instead of its logits
         lp = torch.log_softmax(teacher.double(), -1).gather(-1, labels.clamp(0, V_t - 1).unsqueeze(-1))
         teacher_arg, teacher_kw = None, {"teacher_logprobs": lp.squeeze(-1).float()}
     upstream = torch.rand(B, generator=g) * 2 + 0.5 if kw["reduction"] == "none" else torch.tensor(2.5)
@@ -110,3 +115,22 @@ def test_parity_long_sequence(backend, estimator):
     kw = dict(student_generated=torch.tensor([True, False]), alpha=torch.tensor([0.4, 0.8]),
               estimator=estimator, gamma=0.95, length_normalize=True, reduction="none")
     _check_case((student, labels, teacher, kw, torch.tensor([1.0, 3.0])))
+
+
+# The rao_blackwell estimator (and the leave-one-out baseline) drawn on their own, so that the budget
+# of examples above stays on the three sampled-token estimators.
+@settings(max_examples=40, suppress_health_check=SUPPRESSED)
+@given(case=askd_cases(estimators=("rao_blackwell",)))
+def test_parity_rao_blackwell_torch_path(monkeypatch, case):
+    from askd_kernels import _torch_math
+
+    monkeypatch.setenv("ASKD_KERNELS_BACKEND", "torch")
+    monkeypatch.setattr(_torch_math, "CHUNK_ELEMENTS", 97)
+    _check_case(case)
+
+
+@settings(max_examples=15, suppress_health_check=SUPPRESSED)
+@given(case=askd_cases(estimators=("rao_blackwell",)))
+def test_parity_rao_blackwell_triton_kernels(monkeypatch, case):
+    use_triton_on_cpu(monkeypatch)
+    _check_case(case)

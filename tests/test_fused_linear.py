@@ -57,7 +57,8 @@ def _teacher_logprobs(labels, dtype, g, vocab):
         return ak.token_logprobs(hidden, weight, labels, bias=torch.randn(vocab, generator=g).to(dtype))
 
 
-def _case(seed, dtype, *, bias=True, strided=False, B=2, T=11, hidden_size=H, vocab=V, **options):
+def _case(seed, dtype, *, bias=True, strided=False, B=2, T=11, hidden_size=H, vocab=V, teacher_head=False,
+          **options):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(B, T + strided, hidden_size, generator=g).to(dtype)[:, :T]  # hidden[:, :-1]
     weight = (torch.randn(vocab, hidden_size, generator=g) * 0.6).to(dtype)
@@ -65,8 +66,13 @@ def _case(seed, dtype, *, bias=True, strided=False, B=2, T=11, hidden_size=H, vo
     labels = torch.randint(0, vocab, (B, T), generator=g)
     labels[:, :2] = -100                                  # a prompt
     labels[torch.rand(B, T, generator=g) < 0.2] = -100    # and holes
-    kw = dict(student_generated=torch.rand(B, generator=g) < 0.5, alpha=torch.rand(B, generator=g),
-              teacher_logprobs=_teacher_logprobs(labels, dtype, g, vocab))
+    kw = dict(student_generated=torch.rand(B, generator=g) < 0.5, alpha=torch.rand(B, generator=g))
+    if teacher_head:  # the teacher's own head (a vocabulary 3 rows smaller): logits formed in chunks
+        kw["teacher_head"] = (torch.randn(B, T, H_TEACHER, generator=g).to(dtype),
+                              (torch.randn(vocab - 3 if vocab > 3 else vocab, H_TEACHER, generator=g) / 2).to(dtype))
+        kw["teacher_head"] += (torch.randn(kw["teacher_head"][1].shape[0], generator=g).to(dtype),)
+    else:
+        kw["teacher_logprobs"] = _teacher_logprobs(labels, dtype, g, vocab)
     kw.update(options)
     upstream = torch.rand(B, generator=g) * 2 + 0.5 if kw.get("reduction") == "none" else torch.tensor(2.5)
     return (hidden, weight, b), labels, kw, upstream
@@ -82,6 +88,13 @@ CASES = {
         seed=3, dtype=torch.bfloat16, strided=True, estimator="sequence", reduction="sum",
         alpha=torch.tensor([0.0, 1.0])),
     "fp16-bias-exact-tau2": dict(seed=4, dtype=torch.float16, B=3, temperature=2.0, num_items=7),
+    "fp32-head-exact": dict(seed=5, dtype=torch.float32, teacher_head=True),
+    "bf16-head-rao-blackwell-baseline": dict(
+        seed=6, dtype=torch.bfloat16, B=3, teacher_head=True, estimator="rao_blackwell", gamma=0.9,
+        baseline_groups=torch.tensor([0, 0, 0]), old_logprobs=torch.full((3, 11), -3.0), is_max=1.5),
+    "fp32-head-rao-blackwell-gamma0-clip": dict(
+        seed=7, dtype=torch.float32, teacher_head=True, estimator="rao_blackwell", gamma=0.0,
+        clip=torch.tensor([True, True]), student_generated=torch.tensor([True, False]), temperature=0.7),
 }
 
 
@@ -93,10 +106,28 @@ def _grads(leaves):
     return [None if p is None else p.grad for p in leaves]
 
 
+def _ours_kw(kw):
+    """The teacher head as askd_loss_from_hidden takes it."""
+    if "teacher_head" not in kw:
+        return kw
+    h, w, b = kw["teacher_head"]
+    rest = {k: v for k, v in kw.items() if k != "teacher_head"}
+    return {**rest, "teacher_hidden": h, "teacher_lm_head_weight": w, "teacher_lm_head_bias": b}
+
+
+def _reference_kw(kw):
+    """The teacher head as the oracle takes it: its logits as the inputs' dtype stores them."""
+    if "teacher_head" not in kw:
+        return kw
+    rest = {k: v for k, v in kw.items() if k != "teacher_head"}
+    return {**rest, "teacher_logits": F.linear(*kw["teacher_head"])}
+
+
 def _ours(params, labels, kw, upstream):
     leaves = _leaves(params, params[0].dtype)
     hidden, weight, bias = leaves
-    loss, stats = ak.askd_loss_from_hidden(hidden, weight, labels, lm_head_bias=bias, **kw, return_stats=True)
+    loss, stats = ak.askd_loss_from_hidden(hidden, weight, labels, lm_head_bias=bias, **_ours_kw(kw),
+                                           return_stats=True)
     (loss * upstream).sum().backward()
     return loss.detach(), stats, _grads(leaves)
 
@@ -104,7 +135,7 @@ def _ours(params, labels, kw, upstream):
 def _naive(params, labels, kw, upstream):
     """The baseline: ``F.linear`` then the reference, all in the inputs' dtype."""
     leaves = _leaves(params, params[0].dtype)
-    loss, stats = askd_loss_ref(F.linear(*leaves), labels, **kw, dtype=params[0].dtype)
+    loss, stats = askd_loss_ref(F.linear(*leaves), labels, **_reference_kw(kw), dtype=params[0].dtype)
     (loss * upstream).sum().backward()
     return loss.detach(), stats, _grads(leaves)
 
@@ -126,7 +157,7 @@ def _through_linear(params, fn):
 
 def _truth(params, labels, kw, upstream):
     def fn(logits):
-        loss, stats = askd_loss_ref(logits, labels, **kw)
+        loss, stats = askd_loss_ref(logits, labels, **_reference_kw(kw))
         return (loss * upstream).sum(), (loss.detach(), stats)
 
     (loss, stats), grads = _through_linear(params, fn)
@@ -162,11 +193,16 @@ def linear_cases(draw):
     spec = dict(seed=draw(st.integers(0, 2**31 - 1)), dtype=draw(st.sampled_from(DTYPES)), B=B, T=T,
                 hidden_size=draw(st.integers(1, 20)), vocab=draw(st.integers(2, 50)),
                 bias=draw(st.booleans()), strided=draw(st.booleans()),
-                estimator=draw(st.sampled_from(["exact", "paper", "sequence"])),
+                estimator=draw(st.sampled_from(["exact", "paper", "sequence", "rao_blackwell"])),
                 gamma=draw(st.sampled_from([1.0, 0.8])), length_normalize=draw(st.booleans()),
                 temperature=draw(st.sampled_from([1.0, 0.7, 2.0])),
                 reduction=draw(st.sampled_from(["mean", "sum", "none"])))
     g = torch.Generator().manual_seed(spec["seed"] + 1)
+    spec["teacher_head"] = spec["estimator"] == "rao_blackwell" or draw(st.booleans())
+    if spec["estimator"] == "rao_blackwell":
+        spec.update(length_normalize=False, gamma=draw(st.sampled_from([1.0, 0.8, 0.0])))
+    if spec["estimator"] in ("exact", "rao_blackwell") and draw(st.booleans()):
+        spec["baseline_groups"] = torch.randint(0, 2, (B,), generator=g)
     if draw(st.booleans()):
         spec["alpha"] = draw(st.sampled_from([0.0, 0.25, 1.0]))
     if draw(st.booleans()):
@@ -403,6 +439,22 @@ LOSS_CASES = [
     ("reduction-unknown", {"reduction": "avg"}, ValueError, "reduction"),
     ("num-items-zero", {"num_items": 0}, ValueError, "num_items"),
     ("teacher-logits-not-accepted", {"teacher_logits": torch.zeros(B, T, V)}, TypeError, "teacher_logits"),
+    ("teacher-both", {"teacher_hidden": torch.zeros(B, T, 3), "teacher_lm_head_weight": torch.zeros(V, 3)},
+     ValueError, "teacher_hidden"),
+    ("teacher-head-no-weight", {"teacher_logprobs": None, "teacher_hidden": torch.zeros(B, T, 3)},
+     ValueError, "teacher_lm_head_weight"),
+    ("teacher-head-T-mismatch", {"teacher_logprobs": None, "teacher_hidden": torch.zeros(B, T + 1, 3),
+                                 "teacher_lm_head_weight": torch.zeros(V, 3)}, ValueError, "teacher_hidden"),
+    ("teacher-head-dtype", {"teacher_logprobs": None, "teacher_hidden": torch.zeros(B, T, 3),
+                            "teacher_lm_head_weight": torch.zeros(V, 3, dtype=torch.float16)},
+     TypeError, "teacher_lm_head_weight"),
+    ("teacher-head-bias-shape", {"teacher_logprobs": None, "teacher_hidden": torch.zeros(B, T, 3),
+                                 "teacher_lm_head_weight": torch.zeros(V, 3),
+                                 "teacher_lm_head_bias": torch.zeros(V + 2)}, ValueError, "teacher_lm_head_bias"),
+    ("rao-blackwell-needs-head", {"estimator": "rao_blackwell"}, ValueError, "teacher_hidden"),
+    ("baseline-groups-float", {"baseline_groups": torch.zeros(B)}, TypeError, "baseline_groups"),
+    ("baseline-groups-paper", {"baseline_groups": torch.zeros(B, dtype=torch.long), "estimator": "paper"},
+     ValueError, "baseline_groups"),
 ]
 
 

@@ -1,4 +1,5 @@
 """Sanity checks of the `reference/` oracle against independent hand computations (docs/contract.md)."""
+import itertools
 import math
 
 import pytest
@@ -335,3 +336,303 @@ def test_divergence_shared_vocab_and_clip():
                                   clip=torch.tensor([True, False]), reduction="none")
     torch.testing.assert_close(per_tok[1, 0].detach(), (q * (q / m).log()).sum())
     assert per_tok[0].eq(0).all()
+
+
+# ---------------------------------------------------------------- askd_loss_ref, estimator="rao_blackwell"
+
+
+def _softmax(row, tau=1.0):
+    """Plain-python softmax of a list of floats."""
+    mx = max(row)
+    e = [math.exp((x - mx) / tau) for x in row]
+    s = sum(e)
+    return [x / s for x in e]
+
+
+def _xlogx_over(x, y):
+    """x log(x/y) with 0 log 0 = 0."""
+    return 0.0 if x == 0.0 else x * math.log(x / y)
+
+
+def _rb_hand(z, w, labels, sgo, alpha, gamma, tau, old=None, is_max=None):
+    """estimator="rao_blackwell" by hand, in python floats, straight from the definition: per
+    position the skl/srkl over the student's vocabulary against m = αq + (1−α)p (the teacher's
+    columns beyond V_s dropped, not renormalised), F_t the discounted sum of the
+    later u's, c_t = w_t·F_t on SGOs. Returns (per-sequence value, lam, coef, gradient [B][T][V_s])
+    with the gradient from the closed forms of docs/contract.md §6.2 (a_v − q_v·Σa)/τ for the
+    full-vocabulary part and c_t·(q − onehot(y_t))/τ for the sampled future term."""
+    B, T, V_s = len(z), len(z[0]), len(z[0][0])
+    V_t = len(w[0][0])
+    V_u = V_s
+    values, lam, coef = [], [[0.0] * T for _ in range(B)], [[0.0] * T for _ in range(B)]
+    grad = [[[0.0] * V_s for _ in range(T)] for _ in range(B)]
+    for b in range(B):
+        a = alpha[b]
+        pos = [t for t in range(T) if labels[b][t] != -100]
+        u, value = {}, 0.0
+        for t in pos:
+            q = _softmax(z[b][t], tau) + [0.0] * (V_u - V_s)
+            p = (_softmax(w[b][t], tau) + [0.0] * max(0, V_u - V_t))[:V_u]
+            m = [a * q[v] + (1 - a) * p[v] for v in range(V_u)]
+            y = labels[b][t]
+            u[t] = math.log(a + (1 - a) * p[y] / q[y])
+            if sgo[b]:
+                value += sum(_xlogx_over(q[v], m[v]) for v in range(V_u))
+                av = [q[v] * (math.log(q[v] / m[v]) + (1 - a) * p[v] / m[v]) if q[v] > 0 else 0.0
+                      for v in range(V_u)]
+            else:
+                value += sum(_xlogx_over(p[v], m[v]) for v in range(V_u))
+                av = [-p[v] * a * q[v] / m[v] if q[v] > 0 else 0.0 for v in range(V_u)]
+            S = sum(av)
+            for v in range(V_s):
+                grad[b][t][v] = (av[v] - q[v] * S) / tau
+        values.append(value)
+        if not sgo[b]:
+            continue
+        for i, t in enumerate(pos):
+            F = sum(gamma ** (k + 1) * u[t2] for k, t2 in enumerate(pos[i + 1:]))
+            q = _softmax(z[b][t], tau)
+            y = labels[b][t]
+            iw = 1.0 if old is None else math.exp(math.log(q[y]) - old[b][t])
+            if is_max is not None:
+                iw = min(iw, is_max)
+            lam[b][t], coef[b][t] = F, iw * F
+            for v in range(V_s):
+                grad[b][t][v] += iw * F * (q[v] - (1.0 if v == y else 0.0)) / tau
+    return values, lam, coef, grad
+
+
+def _rb_inputs(V_s=4, V_t=4, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    z = 1.5 * torch.randn(2, 4, V_s, generator=g, dtype=F64)
+    w = 1.5 * torch.randn(2, 4, V_t, generator=g, dtype=F64)
+    labels = torch.tensor([[0, -100, 2, 1], [1, -100, 0, 2]])
+    return z, w, labels
+
+
+@pytest.mark.parametrize("V_s, V_t", [(4, 4), (5, 3), (3, 5)])
+@pytest.mark.parametrize("use_is", [False, True])
+def test_rao_blackwell_hand_computed(V_s, V_t, use_is):
+    """Value, λ = F_t, coef = w·F_t and the gradient against a plain-python evaluation of the
+    definition, with a masked position, τ ≠ 1, γ = 0.5, per-sequence α, unequal vocabularies both
+    ways and (use_is) importance weights of which one is capped."""
+    alpha, gamma, tau, is_max = [0.3, 0.6], 0.5, 1.3, 1.5
+    z, w, labels = _rb_inputs(V_s, V_t)
+    sg = torch.tensor([True, False])
+    # log q_old = log q − shift: weights exp(shift) = 2 (capped to 1.5), 0.74, 1.1 on row 0
+    log_q = torch.log_softmax(z / tau, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    old = log_q - torch.tensor([math.log(2.0), 0.0, -0.3, 0.1], dtype=F64)
+    kw = dict(old_logprobs=old, is_max=is_max) if use_is else {}
+    zz = z.clone().requires_grad_(True)
+    loss, st = askd_loss_ref(zz, labels, w, student_generated=sg, alpha=torch.tensor(alpha, dtype=F64),
+                             estimator="rao_blackwell", gamma=gamma, temperature=tau,
+                             reduction="sum", **kw)
+    loss.backward()
+    values, lam, coef, grad = _rb_hand(z.tolist(), w.tolist(), labels.tolist(), [True, False], alpha, gamma,
+                                       tau, old.tolist() if use_is else None, is_max if use_is else None)
+    if use_is:  # the weights are not all 1 and at least one is capped, one is not
+        iw = [coef[0][t] / lam[0][t] for t in (0, 2)]
+        assert any(x == is_max for x in iw) and any(x != is_max and x != 1.0 for x in iw), iw
+    torch.testing.assert_close(st["per_seq"], torch.tensor(values, dtype=F64), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(loss.detach(), torch.tensor(sum(values), dtype=F64), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(st["lam"], torch.tensor(lam, dtype=F64), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(st["coef"], torch.tensor(coef, dtype=F64), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(zz.grad, torch.tensor(grad, dtype=F64), rtol=1e-10, atol=1e-12)
+    assert zz.grad[:, 1].eq(0).all()  # the masked position
+    assert st["lam"][1].eq(0).all() and st["lam"][0, 3].item() == 0.0  # TGO; last valid position F = 0
+    # F by hand once more, from the exposed log-ratios: F_0 = γ u_2 + γ² u_3, F_2 = γ u_3
+    u = [math.log(alpha[0] + (1 - alpha[0]) * math.exp(st["log_ratio"][0, t].item())) for t in (0, 2, 3)]
+    assert st["lam"][0, 0].item() == pytest.approx(gamma * u[1] + gamma ** 2 * u[2], rel=1e-12)
+    assert st["lam"][0, 2].item() == pytest.approx(gamma * u[2], rel=1e-12)
+    # "mean": the same over the 6 valid tokens
+    m, _ = askd_loss_ref(z, labels, w, student_generated=sg, alpha=torch.tensor(alpha, dtype=F64),
+                         estimator="rao_blackwell", gamma=gamma, temperature=tau, **kw)
+    assert m.item() == pytest.approx(sum(values) / 6, rel=1e-12)
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.7])
+def test_rao_blackwell_gamma0_is_full_vocab_divergence(tau):
+    """γ = 0 (allowed only for rao_blackwell): F = 0, so value and gradient are the per-token
+    full-vocabulary skl (TGO) / srkl (SGO) of reference.divergences, clip on SGOs only."""
+    g = torch.Generator().manual_seed(6)
+    B, T, V = 4, 5, 6
+    z = torch.randn(B, T, V, generator=g, dtype=F64) * 2
+    w = torch.randn(B, T, V, generator=g, dtype=F64) * 2
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, :2] = -100
+    labels[3, 4] = -100
+    sg = torch.tensor([True, False, True, False])
+    clip = torch.tensor([False, True, True, False])  # clips row 2 (SGO); ignored on row 1 (TGO)
+    alpha = torch.tensor([0.2, 0.5, 0.8, 0.9], dtype=F64)
+    z1 = z.clone().requires_grad_(True)
+    loss, st = askd_loss_ref(z1, labels, w, student_generated=sg, alpha=alpha, clip=clip,
+                             estimator="rao_blackwell", gamma=0.0, temperature=tau, reduction="none")
+    (loss * torch.arange(1.0, B + 1, dtype=F64)).sum().backward()  # a non-uniform upstream gradient
+    assert st["lam"].eq(0).all() and st["coef"].eq(0).all()
+
+    z2 = z.clone().requires_grad_(True)
+    per_tok = {kind: divergence_loss_ref(z2, w, labels, kind=kind, alpha=alpha, temperature=tau,
+                                         reduction="none") for kind in ("skl", "srkl")}
+    kappa = torch.tensor([1.0, 1.0, 0.0, 1.0], dtype=F64)
+    expected = torch.where(sg, per_tok["srkl"].sum(1), per_tok["skl"].sum(1)) * kappa
+    (expected * torch.arange(1.0, B + 1, dtype=F64)).sum().backward()
+    torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(z1.grad, z2.grad, rtol=1e-10, atol=1e-12)
+    assert z1.grad[2].eq(0).all() and z1.grad[1].abs().sum() > 0
+    # "mean" divides by every valid token, the clipped row's included
+    m, _ = askd_loss_ref(z, labels, w, student_generated=sg, alpha=alpha, clip=clip,
+                         estimator="rao_blackwell", gamma=0.0, temperature=tau)
+    assert m.item() == pytest.approx(expected.sum().item() / (labels != -100).sum().item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("V_s, V_t", [(4, 4), (5, 3), (3, 5)])
+def test_rao_blackwell_gamma0_gradient_is_derivative_of_value(V_s, V_t):
+    """With γ = 0 nothing is sampled-token, so the gradient must be the derivative of the value
+    (checked by central differences), also with V_s ≠ V_t, where the value sums over [0, V_s)."""
+    z, w, labels = _rb_inputs(V_s, V_t, seed=7)
+    sg = torch.tensor([True, False])
+
+    def value(zz):
+        loss, _ = askd_loss_ref(zz, labels, w, student_generated=sg, alpha=torch.tensor([0.4, 0.7], dtype=F64),
+                                estimator="rao_blackwell", gamma=0.0, temperature=1.1, reduction="sum")
+        return loss
+
+    zz = z.clone().requires_grad_(True)
+    value(zz).backward()
+    h = 1e-6
+    numeric = torch.zeros_like(z)
+    for idx in itertools.product(*(range(n) for n in z.shape)):
+        e = torch.zeros_like(z)
+        e[idx] = h
+        numeric[idx] = (value(z + e) - value(z - e)) / (2 * h)
+    torch.testing.assert_close(zz.grad, numeric, rtol=1e-6, atol=1e-8)
+
+
+def test_rao_blackwell_alpha_boundaries():
+    """α = 0 TGO: m = p, value 0 and an exactly zero gradient even with V_s ≠ V_t; α = 1 SGO:
+    m = q and u = 0, the same. α = 1 TGO is forward KL and α = 0 SGO reverse KL (over [0, V_s))."""
+    for V_s, V_t in [(4, 4), (5, 3), (3, 5)]:
+        z, w, labels = _rb_inputs(V_s, V_t, seed=8)
+        for sgo, a in [(False, 0.0), (True, 1.0)]:
+            zz = z.clone().requires_grad_(True)
+            loss, st = askd_loss_ref(zz, labels, w, student_generated=sgo, alpha=a,
+                                     estimator="rao_blackwell", reduction="sum")
+            loss.backward()
+            assert loss.item() == 0.0 and zz.grad.eq(0).all() and st["coef"].eq(0).all()
+    z, w, labels = _rb_inputs(5, 4, seed=8)  # V_s > V_t: forward KL finite
+    _, st = askd_loss_ref(z, labels, w, student_generated=False, alpha=1.0, estimator="rao_blackwell",
+                          reduction="none")
+    lq, lp = torch.log_softmax(z, -1), torch.log_softmax(w, -1)
+    fkl = (lp.exp() * (lp - lq[..., :4])).sum(-1)
+    torch.testing.assert_close(st["per_seq"], torch.where(labels != -100, fkl, 0.0).sum(1))
+    z, w, labels = _rb_inputs(4, 5, seed=8)  # V_s < V_t: reverse KL finite
+    _, st = askd_loss_ref(z, labels, w, student_generated=True, alpha=0.0, estimator="rao_blackwell",
+                          reduction="none")
+    lq, lp = torch.log_softmax(z, -1), torch.log_softmax(w, -1)
+    rkl = (lq.exp() * (lq - lp[..., :4])).sum(-1)
+    torch.testing.assert_close(st["per_seq"], torch.where(labels != -100, rkl, 0.0).sum(1))
+
+
+def _baseline_batch(seed=9):
+    """Rows 0–3 in group 7 (0, 1, 2 unclipped SGOs, 3 a clipped SGO), row 4 a TGO in group 7, row 5
+    an SGO alone in group 9; row 1 has position 2 masked and row 2 position 0."""
+    g = torch.Generator().manual_seed(seed)
+    B, T, V = 6, 3, 4
+    z = torch.randn(B, T, V, generator=g, dtype=F64)
+    w = torch.randn(B, T, V, generator=g, dtype=F64) * 2
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[1, 2] = -100
+    labels[2, 0] = -100
+    sg = torch.tensor([True, True, True, True, False, True])
+    clip = torch.tensor([False, False, False, True, False, False])
+    alpha = torch.tensor([0.3, 0.5, 0.7, 0.4, 0.6, 0.2], dtype=F64)
+    return z, w, labels, dict(student_generated=sg, clip=clip, alpha=alpha)
+
+
+GROUPS = torch.tensor([7, 7, 7, 7, 7, 9])
+
+
+def _hand_baseline(R, valid):
+    """b[i, t] for _baseline_batch: the mean of R[j, t] over the other unclipped SGOs j ∈ {0, 1, 2}
+    of group 7 with t valid in j; 0 for the TGO (unused) and for row 5, alone in its group."""
+    b = torch.zeros_like(R)
+    for i in range(4):  # rows 0..3 (row 3 is clipped: it gets a baseline but never serves as one)
+        for t in range(R.shape[1]):
+            others = [R[j, t].item() for j in (0, 1, 2) if j != i and bool(valid[j, t])]
+            b[i, t] = sum(others) / len(others) if others else 0.0
+    return b
+
+
+@pytest.mark.parametrize("estimator", ["exact", "rao_blackwell"])
+def test_baseline_by_hand(estimator):
+    z, w, labels, kw = _baseline_batch()
+    valid = labels != -100
+    common = dict(estimator=estimator, gamma=0.8, reduction="sum", **kw)
+    z0 = z.clone().requires_grad_(True)
+    l0, s0 = askd_loss_ref(z0, labels, w, **common)
+    l0.backward()
+    z1 = z.clone().requires_grad_(True)
+    l1, s1 = askd_loss_ref(z1, labels, w, baseline_groups=GROUPS, **common)
+    l1.backward()
+    # the return R (exact: G_t = λ_t − ρ_t + 1 on SGOs; rao_blackwell: F_t = λ_t), from the unbaselined run
+    if estimator == "exact":
+        a = kw["alpha"][:, None]
+        rho = a / (a + (1 - a) * s0["log_ratio"].exp())
+        R = torch.where(valid, s0["lam"] - rho + 1, 0.0)
+    else:
+        R = s0["lam"]
+    b = _hand_baseline(R, valid)
+    assert b[0, 0] == R[1, 0] and b[2, 0] == pytest.approx(0.5 * (R[0, 0] + R[1, 0]).item())  # spot checks
+    assert b[0, 2] == R[2, 2] and b[3, 2] == pytest.approx(0.5 * (R[0, 2] + R[2, 2]).item())
+    expected_lam = torch.where(valid & torch.tensor([True] * 4 + [False, True])[:, None], s0["lam"] - b, s0["lam"])
+    torch.testing.assert_close(s1["lam"], expected_lam, rtol=1e-12, atol=1e-12)
+    kappa = torch.tensor([1.0, 1, 1, 0, 1, 1], dtype=F64)[:, None]
+    iw = torch.ones_like(b)  # no old_logprobs
+    torch.testing.assert_close(s1["coef"], kappa * iw * expected_lam, rtol=1e-12, atol=1e-12)
+    # the value is unchanged; the gradient moves by + κ·b·∇log q = − κ·b·(softmax − onehot)
+    torch.testing.assert_close(l1.detach(), l0.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(s1["per_seq"], s0["per_seq"], rtol=0, atol=0)
+    sm = torch.softmax(z, -1)
+    onehot = F.one_hot(labels.clamp(min=0), z.shape[-1]).to(F64)
+    shift = -(kappa * b * valid)[..., None] * (sm - onehot)
+    torch.testing.assert_close(z1.grad, z0.grad + shift, rtol=1e-10, atol=1e-12)
+    assert shift.abs().max() > 1e-2  # the baseline did something
+    assert z1.grad[3].eq(0).all() and torch.equal(z1.grad[4], z0.grad[4])  # clipped SGO, TGO
+
+
+def test_baseline_with_importance_weights_rao_blackwell():
+    """c_t = w_t·(F_t − b_t): the importance weight multiplies the baselined return."""
+    z, w, labels, kw = _baseline_batch(seed=10)
+    g = torch.Generator().manual_seed(11)
+    old = torch.randn(labels.shape, generator=g, dtype=F64) - 1.5
+    _, s0 = askd_loss_ref(z, labels, w, estimator="rao_blackwell", **kw)
+    _, s1 = askd_loss_ref(z, labels, w, estimator="rao_blackwell", old_logprobs=old, baseline_groups=GROUPS, **kw)
+    valid = labels != -100
+    b = _hand_baseline(s0["lam"], valid)
+    sgo_rows = kw["student_generated"][:, None] & valid
+    iw = torch.where(sgo_rows, torch.exp(s1["log_q"] - old), 0.0)
+    kappa = (~kw["clip"]).to(F64)[:, None]
+    torch.testing.assert_close(s1["coef"], torch.where(sgo_rows, kappa * iw * (s0["lam"] - b), 0.0),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_rao_blackwell_and_baseline_argument_errors():
+    z, w, labels = _rb_inputs()
+    sg = torch.tensor([True, False])
+    tlp = torch.zeros(labels.shape, dtype=F64) - 1.0
+    base = dict(student_generated=sg, alpha=0.5)
+    with pytest.raises(ValueError, match="teacher_logits"):
+        askd_loss_ref(z, labels, teacher_logprobs=tlp, estimator="rao_blackwell", **base)
+    with pytest.raises(ValueError, match="length_normalize"):
+        askd_loss_ref(z, labels, w, estimator="rao_blackwell", length_normalize=True, **base)
+    for est, gamma in [("rao_blackwell", -0.1), ("rao_blackwell", 1.5), ("exact", 0.0), ("paper", 0.0)]:
+        with pytest.raises(ValueError, match="gamma"):
+            askd_loss_ref(z, labels, w, estimator=est, gamma=gamma, **base)
+    askd_loss_ref(z, labels, w, estimator="rao_blackwell", gamma=0.0, **base)  # allowed here only
+    groups = torch.tensor([0, 0])
+    for est in ("paper", "sequence"):
+        with pytest.raises(ValueError, match="baseline_groups"):
+            askd_loss_ref(z, labels, w, estimator=est, baseline_groups=groups, **base)
+    for bad in (torch.tensor([0, 0, 0]), torch.tensor([0.0, 1.0]), [0, 0]):
+        with pytest.raises(ValueError, match="baseline_groups"):
+            askd_loss_ref(z, labels, w, estimator="exact", baseline_groups=bad, **base)

@@ -54,7 +54,7 @@ def full_vocab_row_stats(student_logits, labels, teacher_logits, alpha, sgo, kap
     ``(log_q, log_ratio, lse [·, 2], lse_t [·, 2], fv_value, fv_sum)`` over the B·T tokens."""
     B, T, V_s = student_logits.shape
     V_t = teacher_logits.shape[2]
-    n, width = B * T, max(V_s, V_t)
+    n = B * T
     z, w = student_logits.reshape(n, V_s), teacher_logits.reshape(n, V_t)
     flat_labels = labels.reshape(n)
     valid = flat_labels != ignore_index
@@ -62,14 +62,15 @@ def full_vocab_row_stats(student_logits, labels, teacher_logits, alpha, sgo, kap
     log_q, log_p, fv_value, fv_sum = (torch.zeros(n, dtype=torch.float32, device=z.device) for _ in range(4))
     lse, lse_t = (torch.zeros((n, 2), dtype=torch.float32, device=z.device) for _ in range(2))
     log_w = torch.stack([torch.log(alpha), torch.log1p(-alpha)], 1)
-    for idx, sel in row_chunks(valid.nonzero().squeeze(-1), n, width):
+    for idx, sel in row_chunks(valid.nonzero().squeeze(-1), n, max(V_s, V_t)):
         lab, seq = flat_labels[sel], idx // T
         lq, ls = log_prob_at(z[sel], lab, inv_tau)
         log_p[idx], lt = log_prob_at(w[sel], lab, inv_tau)
         log_q[idx] = torch.where(lab < V_s, lq, float("nan"))  # as the kernel: NaN, never out of bounds
         lse[idx], lse_t[idx] = ls, lt
-        x = _to_width(log_softmax_at(z[sel], ls[:, 0], ls[:, 1], inv_tau), width)
-        y = _to_width(log_softmax_at(w[sel], lt[:, 0], lt[:, 1], inv_tau), width)
+        # Summed over the student's vocabulary: the teacher's columns beyond V_s are no label's.
+        x = log_softmax_at(z[sel], ls[:, 0], ls[:, 1], inv_tau)
+        y = _to_width(log_softmax_at(w[sel], lt[:, 0], lt[:, 1], inv_tau), V_s)
         for kind, rows in _by_kind(sgo[seq].bool()):
             rows = rows & (kappa[seq] != 0)  # clipped sequences: no value, no gradient
             v, a, _q = divergence_terms(x[rows], y[rows], log_w[seq[rows], :1], log_w[seq[rows], 1:], kind)

@@ -82,7 +82,7 @@ def _full_vocab_gradient_kernel(
     s_row = S + b * stride_sb + t * stride_st
     w_row = W + b * stride_wb + t * stride_wt
     n_s = tl.where(live, V_s, 0)
-    n_t = tl.where(scale != 0.0, V_t, 0)
+    n_t = tl.where(scale != 0.0, tl.minimum(V_s, V_t), 0)
     if tl.load(SGO + b) != 0:
         divergence_row_gradient(GRAD + row * V_s, s_row, stride_sv, V_s, n_s, w_row, stride_wv, n_t, inv_tau,
                                 m_s, s_s, m_t, s_t, la, lb, scale, row_sum, label, scale_label, 3, BLOCK)

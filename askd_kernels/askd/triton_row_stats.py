@@ -12,7 +12,7 @@ and ``log p_t`` is read as given.
 
 :func:`full_vocab_row_stats` is stage (a) of the ``rao_blackwell`` estimator: the same quantities plus
 a second pass over both rows for the token's full-vocabulary divergence — skl_t = Σ_v p log(p/m) on a
-TGO, srkl_t = Σ_v q log(q/m) on an SGO, over the union of both vocabularies — and S_t = Σ_v a_v, the
+TGO, srkl_t = Σ_v q log(q/m) on an SGO, over the student's vocabulary — and S_t = Σ_v a_v, the
 statistic of its gradient (:func:`divergence_terms`). Each element of both rows is read twice (8
 bytes per logit pair in bf16), the same traffic as the divergence family's forward.
 
@@ -90,18 +90,20 @@ def _full_vocab_row_stats_kernel(
     _store_label_stats(LOG_Q, LOG_RATIO, LSE, row, valid, log_q, log_p, m_s, s_s)
     store_pair(LSE_T, row, valid, m_t, s_t)
 
-    # Pass 2 over the union of both vocabularies (q = 0 beyond V_s, p = 0 beyond V_t): the
-    # token's full-vocabulary divergence (skl on a TGO, srkl on an SGO) and S for the backward.
+    # Pass 2 over the student's vocabulary (p = 0 beyond V_t; the teacher's columns beyond V_s are
+    # tokens no label can be): the token's full-vocabulary divergence (skl on a TGO, srkl on an
+    # SGO) and S for the backward.
     alpha = tl.load(ALPHA + b)
     la = tl.log(alpha)
     lb = tl.log(1.0 - alpha)
     active = valid & (tl.load(KAPPA + b) != 0.0)  # a clipped sequence has no value and no gradient
-    n_blocks = tl.where(active, tl.cdiv(tl.maximum(V_s, V_t), BLOCK), 0)
+    n_blocks = tl.where(active, tl.cdiv(V_s, BLOCK), 0)
+    n_t = tl.minimum(V_s, V_t)  # the last block may reach past V_s: no teacher column there counts
     if tl.load(SGO + b) != 0:
-        value, row_sum = divergence_row_sums(s_row, stride_sv, V_s, w_row, stride_wv, V_t, n_blocks, inv_tau,
+        value, row_sum = divergence_row_sums(s_row, stride_sv, V_s, w_row, stride_wv, n_t, n_blocks, inv_tau,
                                              m_s, s_s, m_t, s_t, la, lb, 3, BLOCK)
     else:
-        value, row_sum = divergence_row_sums(s_row, stride_sv, V_s, w_row, stride_wv, V_t, n_blocks, inv_tau,
+        value, row_sum = divergence_row_sums(s_row, stride_sv, V_s, w_row, stride_wv, n_t, n_blocks, inv_tau,
                                              m_s, s_s, m_t, s_t, la, lb, 2, BLOCK)
     tl.store(FV_VALUE + row, value)  # 0 for inactive rows: their loop is empty
     tl.store(FV_SUM + row, row_sum)
@@ -141,8 +143,9 @@ def row_stats(student_logits, labels, teacher_logits, teacher_logprobs, *, tempe
 def full_vocab_row_stats(student_logits, labels, teacher_logits, alpha, sgo, kappa, *, temperature, ignore_index):
     """Launch stage (a) of the ``rao_blackwell`` estimator: :func:`row_stats`' outputs plus the
     teacher's (max, log-sum) pairs ``lse_t`` [B·T, 2] and, per token, the full-vocabulary divergence
-    ``fv_value`` (skl on TGOs, srkl on SGOs, over the union of both vocabularies, each model
-    normalised over its own) and ``fv_sum`` = S = Σ_v a_v (:func:`divergence_terms`), fp32 [B·T]; 0
+    ``fv_value`` (skl on TGOs, srkl on SGOs, summed over the student's vocabulary [0, V_s) — the
+    tokens a label can be —, each model normalised over its own) and ``fv_sum`` = S = Σ_v a_v
+    (:func:`divergence_terms`), fp32 [B·T]; 0
     at ignored positions and in clipped sequences."""
     B, T, V_s = student_logits.shape
     V_t = teacher_logits.shape[2]
