@@ -38,7 +38,9 @@ def _parser() -> argparse.ArgumentParser:
                     "Liger-Kernel: a grid of ops x providers x modes x shapes x dtypes, appended to "
                     "<results root>/<cpu|gpu>/<device>/results.csv with plots and summary.md. Grids: "
                     + "; ".join(f"{g.name}: {g.description}" for g in grid_mod.GRIDS.values()) + ".",
-        epilog="Plots and summary of existing results: python -m bench.plot [FOLDER].")
+        epilog="Plots and summary of existing results: python -m bench.plot [FOLDER]. Static report of the "
+               "compiled kernels (registers, SASS loops, predicted roofline; no GPU needed): "
+               "python -m bench static --help.")
     parser.add_argument("--grid", "--case", dest="grid", default="auto", choices=["auto", *grid_mod.GRIDS],
                         help="the grid (default auto = gpu; gpu and askd-core run their CPU stand-ins, cpu and "
                              "askd-core-cpu, where there is no CUDA); --case is another name for it")
@@ -72,6 +74,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["static"]:
+        # ``python -m bench static``: the static (compiled, no GPU) performance report, bench/static.py.
+        from . import static
+        static_parser = argparse.ArgumentParser(prog="python -m bench static",
+                                                description=static.__doc__.split("\n\n")[0])
+        static.add_arguments(static_parser)
+        return static.run_cli(static_parser.parse_args(argv[1:]))
     parser = _parser()
     args = parser.parse_args(argv)
     try:

@@ -8,14 +8,13 @@ and prints one JSON line per compile: kernel, target, registers, local memory (s
 
 The signatures mirror what the launchers pass: logits in each supported dtype, 32-bit sizes and
 strides with the innermost stride specialised to 1 (what Triton does for contiguous rows), and the
-smallest and largest block each launcher can choose.
+smallest and largest block each launcher can choose. No divisibility-by-16 attributes are given, so
+these are the most conservative (narrowest-access) versions; ``tests/test_static.py`` compiles the
+benchmark's launches with the attributes a real launch derives (``bench/static.py``).
 """
 import json
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -128,17 +127,9 @@ def _full_vocab_specs():
 
 
 SPECS = [_row_stats_specs, _coefficients_specs, _gradient_specs, _divergence_specs, _full_vocab_specs]
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-
-
-def resource_usage(cubin: bytes) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True,
-                             check=True).stdout
-    fields = dict(re.findall(r"\b(REG|LOCAL|SHARED|STACK):(\d+)", out))
-    return {k.lower(): int(v) for k, v in fields.items()}
+# The cubin's resources are read the same way as by the static report (bench/static.py), which also
+# compiles every launch with its real launch specialisation and reads the SASS loops.
+from bench.static import resource_usage  # noqa: E402
 
 
 def main(selected=None):
