@@ -161,7 +161,7 @@ def test_compute_loss_gradient_is_the_reinforce_surrogate():
     student, teacher, r = _rollout_batch(seed=1)
     batch = r.batch()
     assert r.clip.any() and (~r.clip & r.student_generated).any()
-    cfg = hf.ASKDConfig(importance_sampling=False)
+    cfg = hf.ASKDConfig(importance_sampling=False, estimator="exact")
     params = list(student.parameters())
     g1 = torch.autograd.grad(hf.compute_askd_loss(student, batch, teacher=teacher, config=cfg), params)
 
@@ -201,9 +201,241 @@ def test_generate_samples_the_forward_distribution():
 def test_compute_loss_teacher_logprobs_equal_teacher_logits():
     student, teacher, r = _rollout_batch()
     batch = r.batch()
-    a = hf.compute_askd_loss(student, batch, teacher=teacher)                     # stored teacher log-probs
-    b = hf.compute_askd_loss(student, {k: v for k, v in batch.items() if k != "teacher_logprobs"}, teacher=teacher)
+    cfg = hf.ASKDConfig(estimator="exact")
+    a = hf.compute_askd_loss(student, batch, teacher=teacher, config=cfg)         # stored teacher log-probs
+    b = hf.compute_askd_loss(student, {k: v for k, v in batch.items() if k != "teacher_logprobs"}, teacher=teacher,
+                             config=cfg)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------ estimator "auto", rao_blackwell, baseline ------
+
+def _grads(loss, params):
+    return torch.autograd.grad(loss, params)
+
+
+def test_estimator_auto_resolution():
+    cfg = hf.ASKDConfig()
+    assert cfg.estimator == "auto"
+    assert cfg.resolved_estimator(True) == "rao_blackwell" and cfg.resolved_estimator(False) == "exact"
+    assert hf.ASKDConfig(length_normalize=True).resolved_estimator(True) == "exact"
+    assert hf.ASKDConfig(estimator="paper").resolved_estimator(True) == "paper"
+    student, teacher, r = _rollout_batch()
+    batch = r.batch()
+    params = list(student.parameters())
+    auto_t = hf.compute_askd_loss(student, batch, teacher=teacher)
+    rb = hf.compute_askd_loss(student, batch, teacher=teacher, config=hf.ASKDConfig(estimator="rao_blackwell"))
+    torch.testing.assert_close(auto_t, rb)
+    for x, y in zip(_grads(hf.compute_askd_loss(student, batch, teacher=teacher), params), _grads(rb, params)):
+        torch.testing.assert_close(x, y)
+    # no teacher model: the stored teacher log-probs and the exact estimator
+    auto_n = hf.compute_askd_loss(student, batch)
+    ex = hf.compute_askd_loss(student, batch, teacher=teacher, config=hf.ASKDConfig(estimator="exact"))
+    torch.testing.assert_close(auto_n, ex, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="teacher"):          # rao_blackwell needs the teacher's logits
+        hf.compute_askd_loss(student, batch, config=hf.ASKDConfig(estimator="rao_blackwell"))
+
+
+def test_config_rejects_bad_estimator_options():
+    with pytest.raises(ValueError, match="estimator"):
+        hf.ASKDConfig(estimator="rao-blackwell")
+    with pytest.raises(ValueError, match="length_normalize"):
+        hf.ASKDConfig(estimator="rao_blackwell", length_normalize=True)
+    for kw in (dict(loss="full_vocab"), dict(loss="sft"), dict(loss="grpo"), dict(estimator="paper")):
+        with pytest.raises(ValueError, match="baseline"):
+            hf.ASKDConfig(baseline=True, **kw)
+    student, teacher, r = _rollout_batch()
+    batch = {k: v for k, v in r.batch().items() if k != "prompt_index"}
+    with pytest.raises(ValueError, match="prompt_index"):
+        hf.compute_askd_loss(student, batch, teacher=teacher, config=hf.ASKDConfig(baseline=True))
+
+
+def test_rao_blackwell_at_gamma_0_is_the_full_vocab_loss():
+    """γ = 0: no future return, the token-level full-vocabulary skl/srkl — the "w/o Monte-Carlo"
+    ablation (loss="full_vocab"), value and gradient, importance weights or not."""
+    student, teacher, r = _rollout_batch(seed=1)
+    batch = r.batch()
+    assert r.clip.any()
+    params = list(student.parameters())
+    fv = hf.compute_askd_loss(student, batch, teacher=teacher, config=hf.ASKDConfig(loss="full_vocab"))
+    rb = hf.compute_askd_loss(student, batch, teacher=teacher, config=hf.ASKDConfig(estimator="rao_blackwell",
+                                                                                 gamma=0.0))
+    torch.testing.assert_close(fv, rb, atol=1e-5, rtol=1e-5)
+    for x, y in zip(_grads(fv, params), _grads(rb, params)):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+
+
+def _future_return(batch, student, gamma=1.0):
+    """F_t = Σ_{t'>t} γ^{k} u_{t'} of the sampled tokens (plain torch, hand-written), the labels'
+    log q (with grad), the valid mask and κ."""
+    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     position_ids=hf.position_ids_from_mask(batch["attention_mask"])).logits[:, :-1]
+    lab = batch["labels"][:, 1:]
+    valid = lab != IG
+    lq = logits.log_softmax(-1).gather(-1, lab.clamp(min=0)[..., None])[..., 0]
+    lp = batch["teacher_logprobs"][:, 1:]
+    a = batch["alpha"][:, None].double()
+    u = torch.where(valid, torch.log(a + (1 - a) * (lp.double() - lq.detach().double()).exp()), 0.0)
+    F_ = torch.zeros_like(u)
+    running = torch.zeros_like(u[:, 0])
+    for t in range(u.shape[1] - 1, -1, -1):
+        F_[:, t] = running
+        running = torch.where(valid[:, t], u[:, t] + gamma * running, running)
+    kappa = torch.where(batch["student_generated"] & batch["clip"], 0.0, 1.0)
+    return F_, lq, valid, kappa
+
+
+@pytest.mark.parametrize("baseline", [False, True])
+def test_rao_blackwell_gradient_is_full_vocab_plus_future_return(baseline):
+    """rao_blackwell = the full-vocabulary gradient + the REINFORCE term −κ·(F_t − b_t)·∇log q_t / N on
+    SGOs, with b_t (baseline=True) the mean F_t of the other unclipped SGOs to the same prompt —
+    i.e. prompt_index reaches askd_loss as baseline_groups."""
+    student, teacher, r = _rollout_batch(seed=1)
+    batch = r.batch()
+    params = list(student.parameters())
+    cfg = hf.ASKDConfig(importance_sampling=False, baseline=baseline)
+    g_rb = _grads(hf.compute_askd_loss(student, batch, teacher=teacher, config=cfg), params)
+    g_fv = _grads(hf.compute_askd_loss(student, batch, teacher=teacher, config=hf.ASKDConfig(loss="full_vocab")),
+                  params)
+    F_, lq, valid, kappa = _future_return(batch, student)
+    sgo = batch["student_generated"]
+    lam = torch.where(sgo[:, None], F_, 0.0)
+    if baseline:
+        member = (valid & (sgo & (kappa != 0))[:, None]).double()
+        same = (batch["prompt_index"][:, None] == batch["prompt_index"][None, :]).double()
+        total, count = same @ (F_ * member) - F_ * member, same @ member - member
+        lam = lam - torch.where(sgo[:, None] & (count > 0), total / count.clamp(min=1), 0.0)
+        assert (count[sgo] > 0).any()
+    surrogate = -(lam.float() * kappa[:, None] * lq * valid).sum() / valid.sum()
+    g_sur = _grads(surrogate, params)
+    for x, y, z in zip(g_rb, g_fv, g_sur):
+        torch.testing.assert_close(x, y + z, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("loss", hf.LOSSES)
+def test_loss_parts_sum_to_the_loss(loss):
+    student, teacher, r = _rollout_batch()
+    batch = r.batch()
+    cfg = hf.ASKDConfig(loss=loss)
+    params = list(student.parameters())
+    whole = hf.compute_askd_loss(student, batch, teacher=teacher, config=cfg)
+    tgo, sgo = hf.compute_askd_loss_parts(student, batch, teacher=teacher, config=cfg)
+    assert (sgo is None) == (loss == "sft")
+    total = tgo if sgo is None else tgo + sgo
+    torch.testing.assert_close(total, whole, atol=1e-5, rtol=1e-5)
+    for x, y in zip(_grads(whole, params), _grads(total, params)):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-4)
+    # each part is the loss of its own rows over the whole batch's denominator
+    rows = ~r.student_generated
+    sub = {k: v[rows] for k, v in batch.items()}
+    n = (batch["labels"][:, 1:][rows] != IG).sum() if loss == "sft" else (batch["labels"][:, 1:] != IG).sum()
+    alone = hf.compute_askd_loss(student, sub, teacher=teacher, config=cfg, num_items=n)
+    torch.testing.assert_close(tgo, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_split_gradients_hand_checked():
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    a, b = (w * torch.tensor([3.0, 0.0])).sum(), (w * torch.tensor([1.0, 1.0])).sum()
+    out = hf.split_gradients([a, b], [w], accumulate=True)
+    assert out["grad_norm_tgo"] == pytest.approx(3.0) and out["grad_norm_sgo"] == pytest.approx(2 ** 0.5)
+    assert out["grad_cos_tgo_sgo"] == pytest.approx(2 ** -0.5)
+    assert w.grad.tolist() == [4.0, 1.0]
+    out = hf.split_gradients([(w * 2).sum(), None], [w], accumulate=False)
+    assert out["grad_norm_tgo"] == pytest.approx(8 ** 0.5) and out["grad_norm_sgo"] == 0.0
+    assert out["grad_cos_tgo_sgo"] != out["grad_cos_tgo_sgo"]     # NaN: no SGO part
+    assert hf.grad_split_alarm({"grad_ratio_sgo_tgo": 3.0, "grad_cos_tgo_sgo": 0.19})
+    assert not hf.grad_split_alarm({"grad_ratio_sgo_tgo": 2.9, "grad_cos_tgo_sgo": 0.0})
+    assert not hf.grad_split_alarm({"grad_ratio_sgo_tgo": 5.0, "grad_cos_tgo_sgo": 0.2})
+    assert not hf.grad_split_alarm({"loss_mean": 1.0})
+
+
+def _distiller(cfg, seed=7):
+    student, teacher = tiny(seed), tiny(2, hidden=48)
+    opt = torch.optim.SGD(student.parameters(), lr=0.05)
+    return hf.ASKDDistiller(student, teacher, opt, contains_five, cfg), student
+
+
+PROMPTS = torch.tensor([[BOS, 4, SEP], [BOS, 6, SEP], [BOS, 7, SEP]])
+
+
+@pytest.mark.filterwarnings("ignore::askd_kernels.integrations.hf.GradientSplitWarning")
+@pytest.mark.parametrize("estimator", ["exact", "rao_blackwell"])
+def test_grad_split_logging_trains_the_same(estimator):
+    """log_grad_split: the same update as without it (the two parts' gradients are summed), one
+    record per step, and the epoch's means; no extra keys without the flag."""
+    runs = {}
+    for split in (False, True):
+        cfg = hf.ASKDConfig(group_size=2, max_new_tokens=4, micro_batch_size=4, estimator=estimator,
+                            log_grad_split=split, baseline=True)
+        runner, student = _distiller(cfg)
+        torch.manual_seed(3)
+        stats = runner.epoch(PROMPTS)
+        runs[split] = (stats, [p.detach().clone() for p in student.parameters()], runner.step_log)
+    (s0, p0, log0), (s1, p1, log1) = runs[False], runs[True]
+    for x, y in zip(p0, p1):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+    steps = 2 * 12 // 4                                       # T = 2 passes over 12 rows in micro-batches of 4
+    assert len(log0) == len(log1) == steps
+    split_keys = {"grad_norm_tgo", "grad_norm_sgo", "grad_cos_tgo_sgo", "grad_ratio_sgo_tgo", "grad_tgo_share"}
+    assert not split_keys & set(s0) and split_keys <= set(s1)
+    assert s0["grad_norm"] == pytest.approx(s1["grad_norm"], rel=1e-4)
+    for st in log1:
+        assert {"loss", "grad_norm", "grad_norm_tgo", "grad_norm_sgo", "grad_cos_tgo_sgo"} <= set(st)
+        if st["grad_norm_tgo"] > 0 and st["grad_norm_sgo"] > 0:      # ‖a + b‖² = ‖a‖² + ‖b‖² + 2ab·cos
+            a, b, c = st["grad_norm_tgo"], st["grad_norm_sgo"], st["grad_cos_tgo_sgo"]
+            assert st["grad_norm"] == pytest.approx((a * a + b * b + 2 * a * b * c) ** 0.5, rel=1e-3)
+    assert s1["grad_ratio_sgo_tgo"] == pytest.approx(s1["grad_norm_sgo"] / s1["grad_norm_tgo"])
+    assert 0 <= s1["grad_clip_frac"] <= 1 and -1 <= s1["grad_cos_tgo_sgo"] <= 1
+
+
+def test_grad_split_warning_once(monkeypatch):
+    real = hf.split_gradients
+
+    def noisy(*args, **kwargs):                              # the real update, the numbers of issue 11
+        out = real(*args, **kwargs)
+        return {**out, "grad_norm_tgo": 1.0, "grad_norm_sgo": 5.0, "grad_cos_tgo_sgo": 0.12}
+
+    monkeypatch.setattr(hf, "split_gradients", noisy)
+    runner, _ = _distiller(hf.ASKDConfig(group_size=2, max_new_tokens=3, log_grad_split=True))
+    torch.manual_seed(0)
+    with pytest.warns(hf.GradientSplitWarning, match="5.0x") as record:
+        for _ in range(3):
+            runner.epoch(PROMPTS)
+    assert len([w for w in record if issubclass(w.category, hf.GradientSplitWarning)]) == 1
+    # without the flag there are no split numbers and no warning
+    runner, _ = _distiller(hf.ASKDConfig(group_size=2, max_new_tokens=3))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hf.GradientSplitWarning)
+        runner.epoch(PROMPTS)
+
+
+def test_epoch_stats_are_documented():
+    """Every key an epoch can return is in the stats table of docs/integration.md."""
+    import pathlib
+    import re
+
+    doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "integration.md").read_text()
+    documented = set(re.findall(r"^\| `([a-z_]+)`", doc, flags=re.M))
+    keys = set()
+    for cfg in (hf.ASKDConfig(group_size=2, max_new_tokens=3, log_grad_split=True),
+                hf.ASKDConfig(group_size=2, max_new_tokens=3, loss="sft")):
+        runner, _ = _distiller(cfg)
+        torch.manual_seed(0)
+        keys |= set(runner.epoch(PROMPTS))
+    assert {"lam_sgo_mean", "lam_tgo_std", "grad_tgo_share", "reward_sgo"} <= keys
+    assert keys <= documented, sorted(keys - documented)
+
+
+def test_lambda_statistics_rao_blackwell():
+    """rao_blackwell has no sampled-token part on TGOs (λ = 0); SGO λ is the future return F_t."""
+    runner, _ = _distiller(hf.ASKDConfig(group_size=2, max_new_tokens=4, collect_lambda=True))
+    torch.manual_seed(0)
+    stats = runner.epoch(PROMPTS)
+    assert stats["lam_tgo_mean"] == 0 and stats["lam_tgo_std"] == 0
+    lam = torch.cat(runner.lambdas["sgo"])
+    assert lam.numel() and stats["lam_sgo_mean"] == pytest.approx(lam.double().mean().item(), rel=1e-5)
+    assert torch.cat(runner.lambdas["tgo"]).abs().max() == 0
 
 
 def test_trainer_compute_loss():
@@ -219,6 +451,26 @@ def test_trainer_compute_loss():
     out = trainer.train()
     assert torch.isfinite(torch.tensor(out.training_loss))
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+
+
+def test_trainer_logs_the_gradient_split():
+    pytest.importorskip("accelerate")
+    student, teacher, r = _rollout_batch()
+    rows = [{k: v[i] for k, v in r.batch().items()} for i in range(len(r))]
+    args = transformers.TrainingArguments(output_dir="/tmp/askd_trainer_test", max_steps=2, per_device_train_batch_size=6,
+                                          learning_rate=0.01, remove_unused_columns=False, report_to=[],
+                                          use_cpu=True, save_strategy="no", logging_steps=1)
+    trainer = hf.ASKDTrainer(model=student, args=args, train_dataset=rows, data_collator=hf.askd_collate,
+                             teacher_model=teacher, askd_config=hf.ASKDConfig(log_grad_split=True, baseline=True))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hf.GradientSplitWarning)
+        trainer.train()
+    logged = [h for h in trainer.state.log_history if "grad_norm_tgo" in h]
+    assert len(logged) == 2
+    for h in logged:
+        assert h["grad_norm_tgo"] >= 0 and h["grad_norm_sgo"] >= 0 and "grad_ratio_sgo_tgo" in h
+        assert h["grad_cos_tgo_sgo"] != h["grad_cos_tgo_sgo"] or -1 <= h["grad_cos_tgo_sgo"] <= 1
 
 
 def test_transformers_is_imported_lazily():
@@ -238,7 +490,10 @@ def copy_reward(prompts, responses):
     return [1.0 if resp == [p[1]] else (0.5 if resp[:1] == [p[1]] else 0.0) for p, resp in zip(prompts, responses)]
 
 
-def test_pipeline_trains():
+@pytest.mark.filterwarnings("ignore::askd_kernels.integrations.hf.GradientSplitWarning")
+@pytest.mark.parametrize("options", [{}, {"estimator": "exact", "length_normalize": True}],
+                         ids=["default-rao_blackwell", "exact-length_normalized"])
+def test_pipeline_trains(options):
     torch.manual_seed(0)
     teacher = tiny(3, hidden=32)
     opt = torch.optim.Adam(teacher.parameters(), lr=1e-2)
@@ -252,10 +507,11 @@ def test_pipeline_trains():
         loss.backward()
         opt.step()
     student = tiny(4, hidden=16)
-    # length_normalize=True: with the plain sum G_t (the default) a random student on this task
-    # learns to end every response at once (each wrong token costs up to −log α, so the shortest
-    # response minimises the sampled SRKL) and its reward stays at 0; see the README section.
-    cfg = hf.ASKDConfig(group_size=4, max_new_tokens=3, iterations=2, length_normalize=True)
+    # The default (estimator "auto" = rao_blackwell) and the sampled-token estimator with
+    # length_normalize=True: with the plain sum G_t a random student on this task learns to end every
+    # response at once (each wrong token costs up to −log α, so the shortest response minimises the
+    # sampled SRKL) and its reward stays at 0; see docs/integration.md.
+    cfg = hf.ASKDConfig(group_size=4, max_new_tokens=3, iterations=2, **options)
     runner = hf.ASKDDistiller(student, teacher, torch.optim.Adam(student.parameters(), lr=1e-2), copy_reward, cfg)
     history = []
     for _ in range(EPOCHS):
@@ -267,8 +523,8 @@ def test_pipeline_trains():
     r_first = sum(h["reward_sgo"] for h in history[:k]) / k
     r_last = sum(h["reward_sgo"] for h in history[-k:]) / k
     assert min(h["reward_tgo"] for h in history) > 0.9                  # the teacher is good
-    assert last < 0.8 * first, (first, last)                          # measured: 0.58 -> 0.30
-    assert r_last > r_first + 0.03, (r_first, r_last)                 # measured: 0.06 -> 0.18
+    assert last < 0.8 * first, (first, last)            # measured: 0.53 -> 0.18 (default), 0.58 -> 0.24
+    assert r_last > r_first + 0.1, (r_first, r_last)    # measured: 0.06 -> 0.36 (both)
 
 
 EPOCHS = 40

@@ -17,7 +17,9 @@ One epoch of Algorithm 1 (:meth:`ASKDDistiller.epoch`):
 3. **Store.** Teacher per-token log-probs of every response (one no-grad forward) and the student's
    old-policy log-probs (for importance sampling when an SGO is reused over several iterations).
 4. **Optimise.** ``iterations`` passes (T) over the shuffled union of TGOs and SGOs in micro-batches,
-   each a step of :func:`compute_askd_loss`.
+   each a step of :func:`compute_askd_loss` (estimator ``"auto"``: ``rao_blackwell``, with the
+   teacher's logits). With ``log_grad_split`` the TGO and SGO parts of each step's gradient are
+   taken separately (:func:`compute_askd_loss_parts`) and their norms and cosine logged.
 
 Sequence layout (one row per response): ``[left-padded prompt | response | right padding]``.
 ``labels[b, t]`` is the token at ``t`` for response tokens, up to and including the EOS that ends
@@ -28,6 +30,8 @@ replaced by ``pad_token_id`` and masked out of attention). The loss aligns ``log
 """
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass, fields
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -40,6 +44,11 @@ from ..divergence import divergence_loss
 from ..skew import skew_from_rewards
 
 LOSSES = ("askd", "full_vocab", "grpo", "sft")
+ESTIMATORS = ("auto", "exact", "rao_blackwell", "paper", "sequence")
+# The signature of a too-small rollout (issue 11): the SGO part of the gradient is at least
+# GRAD_SPLIT_RATIO times the TGO part and nearly orthogonal to it (cosine below GRAD_SPLIT_COSINE).
+GRAD_SPLIT_RATIO = 3.0
+GRAD_SPLIT_COSINE = 0.2
 
 
 @dataclass
@@ -56,6 +65,24 @@ class ASKDConfig:
     * ``"grpo"`` — GRPO-style multiplicative advantage: the per-sequence sampled-token SKL/SRKL at
       α = ``fixed_alpha_*`` multiplied by the group-normalised reward r̂ (no adaptive α, no κ).
     * ``"sft"`` — cross-entropy on the TGOs (SFT on teacher outputs); SGOs are not used.
+
+    ``estimator`` (``"askd"`` and ``"grpo"``) is that of :func:`askd_kernels.askd_loss`, or
+    ``"auto"`` (the default): ``"rao_blackwell"`` whenever :func:`compute_askd_loss` is given the
+    teacher model (as :class:`ASKDDistiller` and ``ASKDTrainer`` always do) — the full-vocabulary
+    skl/srkl gradient of each token plus the sampled future return, the same expectation as
+    ``"exact"`` with lower variance; it runs the teacher (no grad) on every batch for its logits —
+    and ``"exact"`` otherwise (only ``teacher_logprobs`` in the batch) or with ``length_normalize``
+    (which ``rao_blackwell`` does not define).
+
+    ``baseline=True`` (``"askd"`` with the ``exact`` or ``rao_blackwell`` estimator) passes the
+    batch's ``prompt_index`` as ``baseline_groups``: each SGO's return is reduced by the
+    leave-one-out mean return of the other unclipped SGOs to the same prompt in the same batch
+    (unbiased). TGO rows share the ids too; they are ignored.
+
+    ``log_grad_split=True`` makes every optimisation step of :class:`ASKDDistiller` (and every
+    training ``compute_loss`` of ``ASKDTrainer``) take the parameter gradients of the TGO part and
+    of the SGO part of the loss separately (one forward, two backward passes) and log their norms
+    and cosine; see :meth:`ASKDDistiller.epoch` for the keys.
     """
     # sampling
     group_size: int = 4                 # responses per prompt and source; 1 = batch-normalised rewards
@@ -77,12 +104,15 @@ class ASKDConfig:
     importance_sampling: bool = True    # old-policy log-probs of SGOs -> w_t = min(q/q_old, is_max)
     is_max: Optional[float] = 5.0
     # loss options (passed to askd_loss / divergence_loss)
-    estimator: str = "exact"
+    estimator: str = "auto"             # "auto": rao_blackwell when the teacher model is at hand, else exact
+    baseline: bool = False              # leave-one-out baseline over the SGOs of a prompt (batch["prompt_index"])
     gamma: float = 1.0
     length_normalize: bool = False
     temperature: float = 1.0
     ignore_index: int = -100
     collect_lambda: bool = False        # keep the per-token λ of TGOs / SGOs (the paper's Fig. 1(b))
+    # diagnostics
+    log_grad_split: bool = False        # per step: ‖∇ TGO part‖, ‖∇ SGO part‖, their cosine (one more backward)
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -93,6 +123,21 @@ class ASKDConfig:
             raise ValueError("use at least one of teacher / student outputs")
         if self.loss == "sft" and not self.use_teacher_outputs:
             raise ValueError("loss='sft' trains on teacher outputs")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if self.estimator == "rao_blackwell" and self.length_normalize:
+            raise ValueError("length_normalize is not defined for estimator='rao_blackwell'")
+        if self.baseline and (self.loss != "askd" or self.estimator not in ("auto", "exact", "rao_blackwell")):
+            raise ValueError("baseline=True needs loss='askd' and estimator 'auto', 'exact' or 'rao_blackwell', "
+                             f"got loss={self.loss!r}, estimator={self.estimator!r}")
+
+    def resolved_estimator(self, teacher_available: bool) -> str:
+        """The estimator :func:`compute_askd_loss` uses: ``estimator``, with ``"auto"`` resolved to
+        ``"rao_blackwell"`` when the teacher model is available (and ``length_normalize`` is off),
+        else ``"exact"``."""
+        if self.estimator != "auto":
+            return self.estimator
+        return "rao_blackwell" if teacher_available and not self.length_normalize else "exact"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -240,12 +285,33 @@ def compute_askd_loss(student, batch: Dict[str, Tensor], *, teacher=None, config
     ``batch`` holds ``input_ids, attention_mask, labels`` ([B, L], labels unshifted: the loss uses
     ``logits[:, :-1]`` against ``labels[:, 1:]``), ``student_generated`` [B] bool, ``alpha`` [B],
     optional ``clip`` [B] bool, ``old_logprobs`` / ``teacher_logprobs`` [B, L] (as produced by
-    :func:`sequence_token_logprobs`), ``advantage`` [B] (for ``loss="grpo"``), ``position_ids``.
-    Without ``teacher_logprobs`` (or for ``loss="full_vocab"``, or τ ≠ 1) the teacher is run once
-    without gradient. ``num_items`` overrides the "mean" denominator (default: valid labels).
-    Returns the loss, or ``(loss, stats)`` with the per-token stats of :func:`askd_loss` for ``"askd"``.
+    :func:`sequence_token_logprobs`), ``advantage`` [B] (for ``loss="grpo"``), ``prompt_index`` [B]
+    (for ``baseline=True``), ``position_ids``. The teacher is run once without gradient when the loss
+    needs its logits: ``loss="full_vocab"``, the ``rao_blackwell`` estimator (what ``estimator="auto"``
+    picks whenever ``teacher`` is given), τ ≠ 1, or no ``teacher_logprobs`` in the batch.
+    ``num_items`` overrides the "mean" denominator (default: valid labels; for ``"sft"`` the TGOs').
+    Returns the loss, or ``(loss, stats)`` with the per-token stats of :func:`askd_loss` for
+    ``"askd"`` and ``"grpo"`` (None for the others).
     """
-    config = config or ASKDConfig()
+    parts, stats = _loss_parts(student, batch, teacher, config or ASKDConfig(), num_items, return_stats,
+                               split=False)
+    return (parts[0], stats) if return_stats else parts[0]
+
+
+def compute_askd_loss_parts(student, batch: Dict[str, Tensor], *, teacher=None, config: Optional[ASKDConfig] = None,
+                            num_items=None, return_stats: bool = False):
+    """:func:`compute_askd_loss` split by source: ``(loss_tgo, loss_sgo)`` — the TGO rows' and the SGO
+    rows' terms, over the same denominator, from one student forward; their sum is
+    :func:`compute_askd_loss`. A part with no rows (or no loss: SGOs under ``"sft"``) is ``None``.
+    With ``return_stats``, ``((loss_tgo, loss_sgo), stats)``, the stats as :func:`compute_askd_loss`'s.
+    """
+    parts, stats = _loss_parts(student, batch, teacher, config or ASKDConfig(), num_items, return_stats,
+                               split=True)
+    return (parts, stats) if return_stats else parts
+
+
+def _loss_parts(student, batch, teacher, config: ASKDConfig, num_items, return_stats, *, split):
+    """``([loss], stats)``, or ``([loss_tgo, loss_sgo], stats)`` when ``split``."""
     ig = config.ignore_index
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     position_ids = batch.get("position_ids")
@@ -254,23 +320,56 @@ def compute_askd_loss(student, batch: Dict[str, Tensor], *, teacher=None, config
     labels = batch["labels"][:, 1:]
     sgo = batch["student_generated"].bool()
     logits = model_logits(student, input_ids, attention_mask, position_ids)[:, :-1]
-    n_valid = (labels != ig).sum() if num_items is None else num_items
-    denom = torch.clamp(torch.as_tensor(n_valid, dtype=torch.float32, device=logits.device), min=1.0)
+    if num_items is None:
+        num_items = (labels[~sgo] != ig).sum() if config.loss == "sft" else (labels != ig).sum()
+    denom = torch.clamp(torch.as_tensor(num_items, dtype=torch.float32, device=logits.device), min=1.0)
+    estimator = config.resolved_estimator(teacher is not None)
+    cached = []
 
     def teacher_logits():
         if teacher is None:
             raise ValueError("this loss needs the teacher model (teacher=...)")
-        with torch.no_grad():
-            return model_logits(teacher, input_ids, attention_mask, position_ids)[:, :-1]
+        if not cached:
+            with torch.no_grad():
+                cached.append(model_logits(teacher, input_ids, attention_mask, position_ids)[:, :-1])
+        return cached[0]
 
+    # the row sets of the parts: None = every row (no indexing, no copy of the logits)
+    row_sets = [(~sgo).nonzero().squeeze(1), sgo.nonzero().squeeze(1)] if split else [None]
     stats = None
+    if return_stats and config.loss in ("askd", "grpo"):
+        stats = {}
+    parts = []
+    for part, rows in zip(("tgo", "sgo") if split else (None,), row_sets):
+        if rows is not None and (rows.numel() == 0 or (part == "sgo" and config.loss == "sft")):
+            parts.append(None)
+            continue
+
+        def pick(x):
+            return x if (rows is None or x is None) else x[rows]
+
+        loss_sum, part_stats = _loss_sum(config, estimator, pick(logits), pick(labels), pick(sgo),
+                                         lambda: pick(teacher_logits()), {k: pick(v) for k, v in batch.items()},
+                                         want_stats=stats is not None)
+        parts.append(loss_sum / denom)
+        if part_stats is not None:
+            for k, v in part_stats.items():
+                if rows is None:
+                    stats[k] = v
+                else:
+                    stats.setdefault(k, v.new_zeros(labels.shape))[rows] = v
+    return parts, stats
+
+
+def _loss_sum(config: ASKDConfig, estimator: str, logits, labels, sgo, teacher_logits, batch, want_stats):
+    """The summed loss of some rows (``batch`` holds those rows; ``labels`` are already shifted) and
+    their per-token stats (None unless ``want_stats``)."""
+    ig = config.ignore_index
     if config.loss == "sft":
         tgt = torch.where(sgo[:, None], torch.full_like(labels, ig), labels)     # TGOs only
-        if num_items is None:
-            denom = torch.clamp((tgt != ig).sum().float(), min=1.0)
-        loss = F.cross_entropy(logits.float().transpose(1, 2) / config.temperature, tgt,
-                               ignore_index=ig, reduction="sum") / denom
-    elif config.loss == "full_vocab":
+        return F.cross_entropy(logits.float().transpose(1, 2) / config.temperature, tgt,
+                               ignore_index=ig, reduction="sum"), None
+    if config.loss == "full_vocab":
         t_logits = teacher_logits()
         loss = logits.new_zeros((), dtype=torch.float32)
         clip = batch.get("clip")
@@ -282,27 +381,33 @@ def compute_askd_loss(student, batch: Dict[str, Tensor], *, teacher=None, config
                 logits[rows], t_logits[rows], labels[rows], kind=kind, alpha=batch["alpha"][rows].float(),
                 clip=None if (clip is None or not is_sgo) else clip[rows],
                 temperature=config.temperature, ignore_index=ig, reduction="sum")
-        loss = loss / denom
+        return loss, None
+    # "askd" and "grpo": askd_loss
+    tlp = batch.get("teacher_logprobs")
+    if estimator == "rao_blackwell" or tlp is None or config.temperature != 1.0:
+        teacher_kw = {"teacher_logits": teacher_logits()}
     else:
-        tlp = batch.get("teacher_logprobs")
-        teacher_kw = ({"teacher_logprobs": tlp[:, 1:]} if tlp is not None and config.temperature == 1.0
-                      else {"teacher_logits": teacher_logits()})
-        old = batch.get("old_logprobs") if config.importance_sampling else None
-        grpo = config.loss == "grpo"
-        alpha = batch["alpha"].float()
-        if grpo:
-            alpha = torch.where(sgo, config.fixed_alpha_sgo, config.fixed_alpha_tgo).float()
-        out = askd_loss(
-            logits, labels, teacher_kw.get("teacher_logits"), teacher_logprobs=teacher_kw.get("teacher_logprobs"),
-            student_generated=sgo, alpha=alpha, clip=None if grpo else batch.get("clip"),
-            old_logprobs=None if old is None else old[:, 1:], is_max=config.is_max,
-            estimator=config.estimator, gamma=config.gamma, length_normalize=config.length_normalize,
-            temperature=config.temperature, ignore_index=ig, reduction="none", return_stats=return_stats)
-        per_seq, stats = out if return_stats else (out, None)
-        if grpo:
-            per_seq = per_seq * batch["advantage"].float()
-        loss = per_seq.sum() / denom
-    return (loss, stats) if return_stats else loss
+        teacher_kw = {"teacher_logprobs": tlp[:, 1:]}
+    old = batch.get("old_logprobs") if config.importance_sampling else None
+    grpo = config.loss == "grpo"
+    alpha = batch["alpha"].float()
+    if grpo:
+        alpha = torch.where(sgo, config.fixed_alpha_sgo, config.fixed_alpha_tgo).float()
+    groups = None
+    if config.baseline:
+        groups = batch.get("prompt_index")
+        if groups is None:
+            raise ValueError("baseline=True needs batch['prompt_index'] (the prompt of each row)")
+    out = askd_loss(
+        logits, labels, teacher_kw.get("teacher_logits"), teacher_logprobs=teacher_kw.get("teacher_logprobs"),
+        student_generated=sgo, alpha=alpha, clip=None if grpo else batch.get("clip"),
+        old_logprobs=None if old is None else old[:, 1:], is_max=config.is_max,
+        estimator=estimator, baseline_groups=groups, gamma=config.gamma, length_normalize=config.length_normalize,
+        temperature=config.temperature, ignore_index=ig, reduction="none", return_stats=want_stats)
+    per_seq, stats = out if want_stats else (out, None)
+    if grpo:
+        per_seq = per_seq * batch["advantage"].float()
+    return per_seq.sum(), stats
 
 
 # --------------------------------------------------------------------------------------------------
@@ -319,7 +424,8 @@ class ASKDDistiller:
     without EOS and padding — and returns one float per response. Randomness (sampling, shuffling)
     comes from torch's global RNG: seed it with ``torch.manual_seed`` for a reproducible run. The
     teacher is frozen (``requires_grad_(False)``). ``lambdas`` collects the per-token λ of TGOs and of
-    unclipped SGOs when ``config.collect_lambda`` (``loss="askd"`` only).
+    unclipped SGOs when ``config.collect_lambda`` (``loss="askd"`` or ``"grpo"``); ``step_log`` holds one
+    dict per optimisation step of the last epoch (:meth:`optimize`).
     """
 
     def __init__(self, student, teacher, optimizer, reward_fn: RewardFn, config: Optional[ASKDConfig] = None,
@@ -334,6 +440,8 @@ class ASKDDistiller:
             raise ValueError("eos_token_id and pad_token_id are needed (pass them or set generation_config)")
         self.teacher.requires_grad_(False)
         self.lambdas: Dict[str, List[Tensor]] = {"tgo": [], "sgo": []}
+        self.step_log: List[Dict[str, float]] = []     # the last epoch's optimisation steps
+        self._warned = False
 
     # -- 1-3: sampling, rewards, bookkeeping ------------------------------------------------------
     @torch.no_grad()
@@ -388,39 +496,78 @@ class ASKDDistiller:
 
     # -- 4: optimisation ---------------------------------------------------------------------------
     def optimize(self, rollouts: Rollouts) -> Dict[str, float]:
-        """T = ``iterations`` passes over the shuffled rollouts (TGOs and SGOs mixed per micro-batch)."""
+        """T = ``iterations`` passes over the shuffled rollouts (TGOs and SGOs mixed per micro-batch).
+
+        Appends one dict per optimisation step to :attr:`step_log` (``loss``, ``grad_norm`` and, with
+        ``config.log_grad_split``, ``grad_norm_tgo``, ``grad_norm_sgo``, ``grad_cos_tgo_sgo``) and
+        returns the means of the steps (see :meth:`epoch` for the keys)."""
         c = self.config
         N = len(rollouts)
         mb = c.micro_batch_size or N
-        losses = []
+        self.step_log = []
+        lam_acc = {}
+        want = c.loss in ("askd", "grpo")           # λ statistics: askd_loss returns them at no cost
+        params = [p for p in self.student.parameters() if p.requires_grad]
         self.student.train()
         for _ in range(c.iterations):
             order = torch.randperm(N, device=rollouts.input_ids.device)
             for s in range(0, N, mb):
                 batch = rollouts.batch(order[s:s + mb])
-                want = c.collect_lambda and c.loss == "askd"
-                out = compute_askd_loss(self.student, batch, teacher=self.teacher, config=c, return_stats=want)
-                loss = out[0] if want else out
-                if want:
-                    self._keep_lambda(batch, out[1])
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if c.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(self.student.parameters(), c.max_grad_norm)
+                step = {}
+                if c.log_grad_split:
+                    (parts, stats) = compute_askd_loss_parts(self.student, batch, teacher=self.teacher, config=c,
+                                                             return_stats=True)
+                    loss = sum(p for p in parts if p is not None)
+                    step.update(split_gradients(parts, params, accumulate=True))
+                else:
+                    loss, stats = compute_askd_loss(self.student, batch, teacher=self.teacher, config=c,
+                                                    return_stats=True)
+                    loss.backward()
+                if want and stats is not None:
+                    self._lambda_stats(batch, stats, lam_acc)
+                max_norm = c.max_grad_norm if c.max_grad_norm else float("inf")
+                step["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+                if c.log_grad_split:     # the TGO part's norm as a fraction of the step's (clipping scales both)
+                    step["grad_tgo_share"] = (step["grad_norm_tgo"] / step["grad_norm"] if step["grad_norm"] > 0
+                                              else float("nan"))
                 self.optimizer.step()
-                losses.append(loss.item())
-        return {"loss_first": losses[0], "loss_last": losses[-1], "loss_mean": sum(losses) / len(losses)}
+                step["loss"] = loss.item()
+                self.step_log.append(step)
+        out = {"loss_first": self.step_log[0]["loss"], "loss_last": self.step_log[-1]["loss"]}
+        out.update({f"{k}_mean" if k == "loss" else k: v for k, v in _mean_steps(self.step_log).items()})
+        if c.max_grad_norm:
+            out["grad_clip_frac"] = sum(st["grad_norm"] > c.max_grad_norm for st in self.step_log) / len(self.step_log)
+        for name, (n, s1, s2) in lam_acc.items():
+            n, s1, s2 = float(n), float(s1), float(s2)
+            if n:
+                out[f"lam_{name}_mean"] = s1 / n
+                out[f"lam_{name}_std"] = math.sqrt(max(s2 / n - (s1 / n) ** 2, 0.0))
+        return out
 
-    def _keep_lambda(self, batch, stats):
+    def _lambda_stats(self, batch, stats, acc):
         valid = batch["labels"][:, 1:] != self.config.ignore_index
         sgo = batch["student_generated"].bool()[:, None]
         clip = batch.get("clip", torch.zeros_like(batch["student_generated"])).bool()[:, None]
-        lam = stats["lam"]
-        self.lambdas["tgo"].append(lam[valid & ~sgo].detach().cpu())
-        self.lambdas["sgo"].append(lam[valid & sgo & ~clip].detach().cpu())  # clipped SGOs get no gradient
+        lam = stats["lam"].detach()
+        for name, mask in (("tgo", valid & ~sgo), ("sgo", valid & sgo & ~clip)):   # clipped SGOs: no gradient
+            x = lam[mask].double()
+            old = acc.get(name, (0, 0, 0))
+            acc[name] = (old[0] + x.numel(), old[1] + x.sum(), old[2] + (x * x).sum())
+            if self.config.collect_lambda:
+                self.lambdas[name].append(x.float().cpu())
 
     def epoch(self, prompt_ids: Tensor, prompt_mask: Optional[Tensor] = None) -> Dict[str, float]:
-        """One epoch of Algorithm 1: sample, score, then T optimisation iterations. Returns stats."""
+        """One epoch of Algorithm 1: sample, score, then T optimisation iterations. Returns stats.
+
+        The keys (means over the epoch's optimisation steps where per step; ``docs/integration.md``
+        has the table): ``loss_first``, ``loss_last``, ``loss_mean``; ``grad_norm`` (before
+        clipping), ``grad_clip_frac``; with ``log_grad_split`` ``grad_norm_tgo``, ``grad_norm_sgo``,
+        ``grad_cos_tgo_sgo``, ``grad_ratio_sgo_tgo`` and ``grad_tgo_share``; ``reward_*``, ``alpha_*``,
+        ``length_*`` per source; ``clip_frac``; ``lam_tgo_mean/std``, ``lam_sgo_mean/std``
+        (``"askd"``, ``"grpo"``). Warns once per distiller when the SGO part of the gradient is at
+        least 3× the TGO part and their cosine is below 0.2 (the signature of a rollout too small for
+        the estimator)."""
         r = self.sample(prompt_ids, prompt_mask)
         out = self.optimize(r)
         sgo = r.student_generated
@@ -430,7 +577,75 @@ class ASKDDistiller:
                 out[f"alpha_{name}"] = r.alpha[rows].mean().item()
                 out[f"length_{name}"] = (r.labels[rows] != self.config.ignore_index).sum(1).float().mean().item()
         out["clip_frac"] = r.clip[sgo].float().mean().item() if sgo.any() else 0.0
+        if not self._warned and grad_split_alarm(out):
+            self._warned = True
+            warnings.warn(grad_split_message(out, self.config.resolved_estimator(True)), GradientSplitWarning,
+                          stacklevel=2)
         return out
+
+
+class GradientSplitWarning(UserWarning):
+    """The SGO part of the gradient dominates the TGO part and is nearly orthogonal to it."""
+
+
+def split_gradients(parts: Sequence[Optional[Tensor]], params: Sequence[Tensor], *, accumulate: bool,
+                    retain_graph: bool = False):
+    """Norms and cosine of the parameter gradients of ``parts = (loss_tgo, loss_sgo)`` (either may be
+    None), one backward pass each; with ``accumulate`` their sum is added to each ``param.grad``;
+    ``retain_graph`` keeps the graph for a later backward.
+    Returns ``grad_norm_tgo``, ``grad_norm_sgo``, ``grad_cos_tgo_sgo`` (NaN when a part is missing or
+    zero) as floats."""
+    grads = []
+    for i, part in enumerate(parts):
+        if part is None or not part.requires_grad:
+            grads.append(None)
+            continue
+        later = any(p is not None and p.requires_grad for p in parts[i + 1:])
+        g = torch.autograd.grad(part, params, retain_graph=retain_graph or later, allow_unused=True)
+        grads.append([torch.zeros_like(p) if x is None else x for p, x in zip(params, g)])
+    flat = [None if g is None else torch.cat([x.reshape(-1).float() for x in g]) for g in grads]
+    norms = [0.0 if f is None else f.norm().item() for f in flat]
+    cos = float("nan")
+    if all(f is not None for f in flat) and norms[0] > 0 and norms[1] > 0:
+        cos = (flat[0] @ flat[1]).item() / (norms[0] * norms[1])
+    if accumulate:
+        for j, p in enumerate(params):
+            total = None
+            for g in grads:
+                if g is not None:
+                    total = g[j] if total is None else total + g[j]
+            if total is not None:
+                p.grad = total if p.grad is None else p.grad + total
+    return {"grad_norm_tgo": norms[0], "grad_norm_sgo": norms[1], "grad_cos_tgo_sgo": cos}
+
+
+def _mean_steps(steps: List[Dict[str, float]]) -> Dict[str, float]:
+    """Means of the per-step numbers (NaN entries skipped) plus the derived split quantities."""
+    out = {}
+    for k in steps[0]:
+        xs = [st[k] for st in steps if k in st and not math.isnan(st[k])]
+        out[k] = sum(xs) / len(xs) if xs else float("nan")
+    if "grad_norm_tgo" in out:
+        t, s = out["grad_norm_tgo"], out["grad_norm_sgo"]
+        out["grad_ratio_sgo_tgo"] = s / t if t > 0 else float("inf") if s > 0 else float("nan")
+    return out
+
+
+def grad_split_alarm(stats: Dict[str, float]) -> bool:
+    """True when ``stats`` show the SGO part ≥ 3× the TGO part with cosine < 0.2."""
+    ratio, cos = stats.get("grad_ratio_sgo_tgo"), stats.get("grad_cos_tgo_sgo")
+    if ratio is None or cos is None or math.isnan(ratio) or math.isnan(cos):
+        return False
+    return ratio >= GRAD_SPLIT_RATIO and cos < GRAD_SPLIT_COSINE
+
+
+def grad_split_message(stats: Dict[str, float], estimator: str) -> str:
+    advice = [] if estimator == "rao_blackwell" else ["estimator='rao_blackwell' (needs the teacher's logits)"]
+    advice += ["more responses per step (prompts x group_size)", "baseline=True", "a smaller learning rate"]
+    return (f"ASKD ({estimator}): the SGO part of the gradient is {stats['grad_ratio_sgo_tgo']:.1f}x the TGO part "
+            f"and nearly orthogonal to it (cosine {stats['grad_cos_tgo_sgo']:.2f}): the SGO estimate is mostly "
+            "noise and, after gradient clipping, crowds out the TGO signal. Try " + ", ".join(advice)
+            + "; see docs/integration.md.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -452,17 +667,44 @@ def _make_trainer_class():
         train_dataset=..., data_collator=askd_collate)``; the dataset yields dicts with the keys of
         :meth:`Rollouts.batch` (use ``remove_unused_columns=False`` in the arguments). Sampling is not
         the Trainer's job: build the dataset from :meth:`ASKDDistiller.sample`.
+
+        With ``askd_config.log_grad_split``, every training ``compute_loss`` also takes the gradients
+        of the TGO and SGO parts (two extra backward passes; Trainer's own backward follows) and the
+        Trainer's logs gain the means since the last log of ``grad_norm_tgo``, ``grad_norm_sgo``,
+        ``grad_cos_tgo_sgo`` and ``grad_ratio_sgo_tgo`` (per ``compute_loss`` call, before the
+        Trainer's loss scaling and clipping; single process). The warning of :class:`ASKDDistiller`
+        is raised once from these means.
         """
 
         def __init__(self, *args, teacher_model, askd_config: Optional[ASKDConfig] = None, **kwargs):
             super().__init__(*args, **kwargs)
             self.teacher_model = teacher_model.eval().requires_grad_(False)
             self.askd_config = askd_config or ASKDConfig()
+            self._askd_steps: List[Dict[str, float]] = []
+            self._askd_warned = False
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss = compute_askd_loss(model, inputs, teacher=self.teacher_model.to(inputs["input_ids"].device),
-                                     config=self.askd_config)
+            teacher = self.teacher_model.to(inputs["input_ids"].device)
+            if self.askd_config.log_grad_split and model.training and torch.is_grad_enabled():
+                parts = compute_askd_loss_parts(model, inputs, teacher=teacher, config=self.askd_config)
+                params = [p for p in model.parameters() if p.requires_grad]
+                loss = sum(p for p in parts if p is not None)
+                # the graph is kept for the Trainer's own backward of the sum
+                self._askd_steps.append(split_gradients(parts, params, accumulate=False, retain_graph=True))
+            else:
+                loss = compute_askd_loss(model, inputs, teacher=teacher, config=self.askd_config)
             return (loss, None) if return_outputs else loss
+
+        def log(self, logs, *args, **kwargs):
+            if self._askd_steps:
+                logs = dict(logs)
+                logs.update(_mean_steps(self._askd_steps))
+                self._askd_steps = []
+                if not self._askd_warned and grad_split_alarm(logs):
+                    self._askd_warned = True
+                    warnings.warn(grad_split_message(logs, self.askd_config.resolved_estimator(True)),
+                                  GradientSplitWarning, stacklevel=2)
+            return super().log(logs, *args, **kwargs)
 
     return ASKDTrainer
 
@@ -476,6 +718,6 @@ def __getattr__(name):
 
 
 # ASKDTrainer is left out of __all__ so that `import *` stays free of transformers.
-__all__ = ["ASKDConfig", "ASKDDistiller", "Rollouts", "assign_skew", "askd_collate",
-           "build_sequences", "compute_askd_loss", "position_ids_from_mask", "response_lists",
-           "sequence_token_logprobs"]
+__all__ = ["ASKDConfig", "ASKDDistiller", "GradientSplitWarning", "Rollouts", "assign_skew", "askd_collate",
+           "build_sequences", "compute_askd_loss", "compute_askd_loss_parts", "position_ids_from_mask",
+           "response_lists", "sequence_token_logprobs", "split_gradients"]
