@@ -4,9 +4,10 @@ names the argument.
 
 Checks that read tensor *values* would need a device→host sync, so they are done only for CPU
 tensors in eager mode (not while ``torch.compile`` traces, where they would break the graph). Where
-they are skipped the behaviour is documented instead (see ``askd_loss``): values of ``alpha`` outside
-[0, 1] give NaN for those sequences, and labels outside ``[0, V_s)`` that are not ``ignore_index``
-give a NaN loss; neither reads out of bounds.
+they are skipped the behaviour is documented instead (docs/contract.md §7.3): values of ``alpha``
+outside [0, 1] give NaN for those sequences, labels outside ``[0, V_s)`` that are not
+``ignore_index`` give a NaN loss (neither reads out of bounds), and a ``num_items`` tensor ≤ 0 is
+divided by as given (±inf or NaN), never clamped.
 """
 import math
 from numbers import Real
@@ -113,21 +114,44 @@ def per_sequence_flag(name, flag, batch, device):
 
 
 def reduction_and_num_items(reduction, num_items, device):
+    """``reduction`` and the ``"mean"`` denominator ``num_items``: None (count the valid tokens), a
+    finite python number > 0 (returned as a float), or a one-element real tensor on ``device``
+    (returned as an fp32 scalar tensor; its value is checked — finite and > 0 — only where it can be
+    read without a sync, see :func:`can_read_values`)."""
     choice("reduction", reduction, REDUCTIONS)
     if num_items is None:
         return None
     if isinstance(num_items, Tensor):
+        if num_items.dtype == torch.bool or num_items.is_complex():
+            raise TypeError(f"num_items must be a real number or a real scalar tensor, got {num_items.dtype}")
         if num_items.numel() != 1:
             raise ValueError(f"num_items must be a scalar tensor, got shape {tuple(num_items.shape)}")
         same_device(device, num_items=num_items)
+        if can_read_values(num_items):
+            value = float(num_items.reshape(()))
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"num_items must be finite and > 0, got a tensor holding {value}")
         return num_items.reshape(()).float()
-    return number("num_items", num_items, low=0.0, low_open=True)
+    value = number("num_items", num_items, low=0.0, low_open=True)
+    if not math.isfinite(value):
+        raise ValueError(f"num_items must be finite and > 0, got {value}")
+    return value
+
+
+def index_labels(labels: Tensor) -> Tensor:
+    """``labels`` (any integer dtype, already checked) as the contiguous int64 tensor every kernel
+    takes. Widening first makes every comparison with ``ignore_index`` exact: int8/uint8/int16 labels
+    would otherwise crash ``gather`` on the torch path, and a narrow dtype compared with a python int
+    wraps it (uint8 labels ``!= -100`` is False for the label 156; int32 labels ``!= 2**40`` is
+    False for the label 0)."""
+    return labels.to(torch.int64).contiguous()
 
 
 def labels_in_vocab(labels, ignore_index, vocab, vocabulary="the student vocabulary"):
     """Labels must be ``ignore_index`` or in [0, vocab): checked on CPU only (a sync on CUDA)."""
     if not can_read_values(labels) or labels.numel() == 0:
         return
+    labels = index_labels(labels)  # compare exactly, whatever the labels' dtype
     valid = labels != ignore_index
     if bool(((labels < 0) & valid).any()) or bool(((labels >= vocab) & valid).any()):
         raise ValueError(f"labels must be ignore_index ({ignore_index}) or in [0, {vocab}) "
@@ -142,21 +166,32 @@ def temperature(value):
     return value
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
 def integer(name, value):
-    """A python int (not a bool), e.g. ``ignore_index``."""
+    """A python int (not a bool) that fits in int64, e.g. ``ignore_index`` (the custom ops and the
+    kernels take it as int64; labels are widened to int64 before they are compared with it, so it
+    need not fit the labels' own dtype: a value outside that range simply matches no label)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError(f"{name} must fit in int64 ([-2**63, 2**63 - 1]), got {value}")
     return value
 
 
 def apply_reduction(values, labels, ignore_index, reduction, num_items):
     """Reduce per-sequence or per-token ``values`` as the public ops document: ``"none"`` returns them,
     ``"sum"`` sums, ``"mean"`` divides the sum by ``num_items`` (from :func:`reduction_and_num_items`)
-    or else by the number of valid labels, a device tensor (no sync) clamped to ≥ 1 so that an
-    all-ignored batch gives 0. Plain differentiable torch ops, so upstream gradients flow back."""
+    exactly as given, or else by the number of valid labels, a device tensor (no sync) clamped to
+    ≥ 1 so that an all-ignored batch gives 0 (the clamp is for that default count only: a given
+    ``num_items`` of 0.5 halves nothing away). Plain differentiable torch ops, so upstream gradients
+    flow back."""
     if reduction == "none":
         return values
     if reduction == "sum":
         return values.sum()
-    n = (labels != ignore_index).sum() if num_items is None else num_items
-    return values.sum() / torch.clamp(torch.as_tensor(n, dtype=torch.float32, device=values.device), min=1.0)
+    if num_items is None:
+        n = (index_labels(labels) != ignore_index).sum()  # widened: a narrow dtype would wrap ignore_index
+        return values.sum() / torch.clamp(torch.as_tensor(n, dtype=torch.float32, device=values.device), min=1.0)
+    return values.sum() / torch.as_tensor(num_items, dtype=torch.float32, device=values.device)

@@ -4,6 +4,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import _checks
+
 # A group whose spread is within this many units in the last place of its largest reward is "all equal".
 NOISE_ULPS = 8
 
@@ -24,7 +26,13 @@ def skew_from_rewards(rewards: Tensor, *, group_size: Optional[int] = None, beta
     magnitude, counts as equal. So rewards that differ only by rounding (fp32 ``0.6 + 0.1`` against
     ``0.7``, or ``1000`` against ``1000 + 1 ulp``, where the absolute ``eps`` alone would leave
     |r̂| ≈ 0.7) get exactly 0.5, and real differences keep ``(r − mean)/(std + eps)``. Statistics are
-    computed in float64; the result is float32 on the rewards' device.
+    computed in float64 on each group divided by a power of two near its largest magnitude (exact,
+    and the same r̂ as unscaled wherever that does not overflow), so any finite rewards work, up to
+    ±1.8e308; the result is float32 on the rewards' device.
+
+    Rewards must be finite: a NaN or ±inf reward raises a ``ValueError`` for CPU tensors in eager
+    mode; elsewhere (CUDA, or while ``torch.compile`` traces: checking would sync or break the graph)
+    it makes α NaN for every response of its group, and only that group.
     """
     if not isinstance(rewards, Tensor):
         raise TypeError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
@@ -48,9 +56,23 @@ def skew_from_rewards(rewards: Tensor, *, group_size: Optional[int] = None, beta
 
     ulp = torch.finfo(rewards.dtype).eps if rewards.is_floating_point() else 0.0
     r = rewards.to(torch.float64).view(-1, group_size)
+    finite = torch.isfinite(r).all(dim=1, keepdim=True)
+    if _checks.can_read_values(rewards) and not bool(finite.all()):
+        bad = (~torch.isfinite(r.reshape(-1))).nonzero()[0].item()
+        raise ValueError(f"rewards must be finite, got {r.reshape(-1)[bad].item()} at index {bad}")
+    # Divide each group by 2^k with 2^k ≤ max|r| < 2^(k+1): |r/2^k| < 2, so neither the sum of squares
+    # of the std nor the spread max − min can overflow (fp64 [1e308, −1e308] has std = inf unscaled).
+    # A power of two scales exactly (barring underflow of entries ≪ max|r|, immaterial to r̂), so
+    # the statistics, the equal-rewards rule and r̂ = (r − mean)/(std + eps) — with eps scaled alike —
+    # are those of the unscaled group. Non-finite groups get scale 1 and come out NaN below.
+    largest = r.abs().amax(dim=1, keepdim=True)
+    exponent = torch.frexp(torch.where(finite & (largest > 0), largest, 1.0)).exponent
+    scale = torch.ldexp(torch.ones_like(largest), (exponent - 1).to(torch.float64))  # 2^k, k ≤ 1023
+    r = r / scale
     centred = r - r.mean(dim=1, keepdim=True)
     std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(r[:, :1])
     spread = r.amax(dim=1, keepdim=True) - r.amin(dim=1, keepdim=True)
     noise = NOISE_ULPS * ulp * r.abs().amax(dim=1, keepdim=True)
-    r_hat = torch.where(spread <= noise, 0.0, centred / (std + eps))
+    r_hat = torch.where(spread <= noise, 0.0, centred / (std + eps / scale))
+    r_hat = torch.where(finite, r_hat, float("nan"))  # NaN or ±inf: no standardisation exists
     return torch.special.ndtr(beta * r_hat).to(torch.float32).view(-1)

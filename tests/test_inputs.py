@@ -125,6 +125,12 @@ CASES = [
     ("num-items-negative", lambda b: {"num_items": -3.0}, ValueError, "num_items"),
     ("num-items-nan", lambda b: {"num_items": float("nan")}, ValueError, "num_items"),
     ("num-items-tensor-shape", lambda b: {"num_items": torch.tensor([3.0, 4.0])}, ValueError, "num_items"),
+    ("num-items-inf", lambda b: {"num_items": float("inf")}, ValueError, "num_items"),
+    ("num-items-tensor-zero", lambda b: {"num_items": torch.tensor(0.0)}, ValueError, "num_items"),
+    ("num-items-tensor-negative", lambda b: {"num_items": torch.tensor(-4)}, ValueError, "num_items"),
+    ("num-items-tensor-nan", lambda b: {"num_items": torch.tensor(float("nan"))}, ValueError, "num_items"),
+    ("num-items-tensor-inf", lambda b: {"num_items": torch.tensor([float("inf")])}, ValueError, "num_items"),
+    ("num-items-tensor-bool", lambda b: {"num_items": torch.tensor(True)}, TypeError, "num_items"),
     ("is-max-str", lambda b: {"is_max": "2"}, TypeError, "is_max"),
     ("num-items-bool", lambda b: {"num_items": True}, TypeError, "num_items"),
     ("alpha-tensor-0d", lambda b: {"alpha": torch.tensor(0.5)}, ValueError, "alpha"),
@@ -132,6 +138,9 @@ CASES = [
      TypeError, "teacher_logprobs"),
     ("ignore-index-bool", lambda b: {"ignore_index": False}, TypeError, "ignore_index"),
     ("ignore-index-float", lambda b: {"ignore_index": -100.0}, TypeError, "ignore_index"),
+    ("ignore-index-2**70", lambda b: {"ignore_index": 2**70}, ValueError, "ignore_index"),
+    ("ignore-index-2**63", lambda b: {"ignore_index": 2**63}, ValueError, "ignore_index"),
+    ("ignore-index-below-int64", lambda b: {"ignore_index": -(2**63) - 1}, ValueError, "ignore_index"),
     ("length-normalize-int", lambda b: {"length_normalize": 1}, TypeError, "length_normalize"),
 ]
 

@@ -356,3 +356,83 @@ def test_equal_up_to_rounding_boundary(dtype, lo, hi, equal):
     assert torch.equal(alpha, torch.full((4,), 0.5)) == equal, alpha
     if not equal:
         _check(alpha, _by_hand([float(x) for x in rewards.tolist()], 4))
+
+
+# ------------------------------------------------- non-finite rewards; finite rewards of any size
+
+
+@pytest.mark.parametrize("rewards, group_size", [
+    ([math.inf, 0.0], None),                   # used to give [0.5, 0.5]: the spread inf ≤ 8·ε·inf
+    ([0.0, 1.0, 2.0, -math.inf], 2),
+    ([1.0, math.nan, 2.0, 3.0], 2),
+])
+def test_non_finite_rewards_raise_on_cpu(rewards, group_size):
+    """docs/contract.md §5: rewards must be finite; a CPU tensor is checked (the error names it)."""
+    with pytest.raises(ValueError, match=r"\brewards\b"):
+        ak.skew_from_rewards(torch.tensor(rewards, dtype=torch.float64), group_size=group_size)
+
+
+def test_non_finite_rewards_unchecked_give_nan_for_their_group_only(monkeypatch):
+    """Where values are not read (CUDA, torch.compile): α is NaN for every response of a group with a
+    NaN or ±inf reward, and the other groups are exactly what they are on their own."""
+    from askd_kernels import _checks
+
+    monkeypatch.setattr(_checks, "can_read_values", lambda t: False)
+    rewards = torch.tensor([math.inf, 0.0, 1.0, 3.0, math.nan, 2.0, -math.inf, -math.inf, 5.0, 5.0])
+    alpha = ak.skew_from_rewards(rewards, group_size=2)
+    nan_groups = torch.tensor([True, False, True, True, False]).repeat_interleave(2)
+    assert torch.isnan(alpha[nan_groups]).all(), alpha
+    assert torch.equal(alpha[~nan_groups], ak.skew_from_rewards(rewards[~nan_groups], group_size=2))
+    _check(alpha[~nan_groups], _by_hand([1.0, 3.0, 5.0, 5.0], 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rewards_near_the_largest_float(dtype):
+    """fp64 [1e308, −1e308]: mean 0, sample std √2·1e308 — which overflows when computed as is
+    (this gave 0.5, 0.5). Scaled by a power of two first, r̂ = ±1/√2 (eps is negligible here)."""
+    big = 1e308 if dtype == torch.float64 else 3e38
+    alpha = ak.skew_from_rewards(torch.tensor([big, -big], dtype=dtype))
+    _check(alpha, torch.tensor([_phi(math.sqrt(0.5)), _phi(-math.sqrt(0.5))], dtype=torch.float64))
+    # three responses near ±1.7e308: the same α as the group scaled down by 2^1000 (with eps too)
+    top = torch.tensor([1.7e308, -1.7e308, 1.7e308, 0.0], dtype=torch.float64)
+    if dtype == torch.float64:
+        _check(ak.skew_from_rewards(top), _by_hand((top / 2.0**1000).tolist(), eps=EPS / 2.0**1000))
+
+
+@settings(max_examples=100)
+@given(u=st.lists(st.floats(-1.9, 1.9, allow_nan=False), min_size=2, max_size=8),
+       k=st.sampled_from([-1000, -500, 0, 500, 1000, 1022]), beta=st.sampled_from([1.0, 0.3]))
+def test_hypothesis_scale_is_a_power_of_two_away(u, k, beta):
+    """Rewards u·2^k (exact in fp64, from 2^-1000 to 2^1023) give what u gives with eps scaled by
+    2^-k, in the library and in the oracle: standardisation only sees the group relative to its
+    largest magnitude, whatever that is — including the 8-ulp equal-rewards rule."""
+    scaled = torch.tensor(u, dtype=torch.float64) * 2.0**k
+    assert torch.isfinite(scaled).all()
+    alpha = ak.skew_from_rewards(scaled, beta=beta)
+    expected = skew_from_rewards_ref(torch.tensor(u, dtype=torch.float64), beta=beta, eps=EPS * 2.0**-k)
+    _check(alpha, expected)
+
+
+def _unscaled(rewards, group_size, beta, eps=EPS):
+    """The plain float64 computation, without the power-of-two scaling (right wherever nothing
+    overflows): the library must agree with it bit for bit there."""
+    ulp = torch.finfo(rewards.dtype).eps
+    r = rewards.to(torch.float64).view(-1, group_size)
+    centred = r - r.mean(dim=1, keepdim=True)
+    std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(r[:, :1])
+    spread = r.amax(dim=1, keepdim=True) - r.amin(dim=1, keepdim=True)
+    noise = 8 * ulp * r.abs().amax(dim=1, keepdim=True)
+    r_hat = torch.where(spread <= noise, 0.0, centred / (std + eps))
+    return torch.special.ndtr(beta * r_hat).to(torch.float32).view(-1)
+
+
+@settings(max_examples=100)
+@given(case=reward_batches())
+def test_hypothesis_scaling_changes_no_bit_of_ordinary_rewards(case):
+    """The per-group scaling (of the rewards and of eps, by a power of two: exact) changes no bit of
+    the result for rewards that do not overflow: it is bitwise the unscaled computation's. (Leaving
+    eps unscaled fails this and the reference tests.)"""
+    rewards, group_size, beta = case
+    g = rewards.numel() if group_size is None else group_size
+    assert torch.equal(ak.skew_from_rewards(rewards, group_size=group_size, beta=beta),
+                       _unscaled(rewards, g, beta))

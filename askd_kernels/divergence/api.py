@@ -49,8 +49,9 @@ def divergence_loss(
         student_logits: ``[B, T, V_s]`` fp32/bf16/fp16, any strides; the only input that receives a
             gradient (in its own dtype).
         teacher_logits: ``[B, T, V_t]`` fp32/bf16/fp16, any strides; detached.
-        labels: ``[B, T]`` integer; only compared with ``ignore_index`` (ignored positions take no
-            part: value 0, gradient 0, not counted by ``"mean"``). The label values are not read.
+        labels: ``[B, T]``, any integer dtype; only compared with ``ignore_index`` (ignored
+            positions take no part: value 0, gradient 0, not counted by ``"mean"``). The label
+            values are not read otherwise.
         kind: one of ``"fkl", "rkl", "skl", "srkl", "jsd", "tvd"``.
         alpha: the **student's** weight in m, ``[B]`` or a float in [0, 1]; required for ``skl`` /
             ``srkl`` (``ValueError`` if missing), ignored by the other kinds. Checked for floats and
@@ -59,10 +60,13 @@ def divergence_loss(
         clip: ``[B]`` bool; True zeroes the whole sequence (value and gradient), whatever its source.
             Clipped sequences still count in the ``"mean"`` denominator.
         temperature: τ > 0, applied to both logits.
+        ignore_index: a python int in int64's range (it need not fit the labels' dtype).
         reduction: ``"mean"`` (sum over tokens / N), ``"sum"``, or ``"none"`` (the per-token [B, T]
             values, 0 at ignored positions and in clipped sequences).
-        num_items: N for ``"mean"``; default the number of valid labels (a device tensor, no sync).
-            An all-ignored batch gives 0.
+        num_items: N for ``"mean"``, divided by exactly as given: a finite number > 0 or a
+            one-element tensor (checked > 0 on CPU; on CUDA or under ``torch.compile`` a tensor
+            ≤ 0 gives ±inf/NaN, it is never clamped). Default: the number of valid labels (a device
+            tensor, no sync); an all-ignored batch then gives 0.
 
     Returns the fp32 loss; its backward is the exact derivative of the value w.r.t. the student
     logits. The forward keeps O(B·T) memory (nothing of size tokens × vocab); the backward allocates
@@ -88,7 +92,7 @@ def divergence_loss(
     log_w = _log_weights(kind, alpha, beta, B, device)
 
     kappa = torch.where(clip, 0.0, 1.0) if clip is not None else torch.ones(B, device=device)
-    labels = labels.contiguous()
+    labels = check.index_labels(labels)  # any integer dtype → contiguous int64 (exact ignore_index test)
     value, _row_sum, _lse_s, _lse_t = divergence_forward(
         student_logits, teacher_logits.detach(), labels, kappa.float(), log_w, kind, temperature, ignore_index)
     return check.apply_reduction(value, labels, ignore_index, reduction, num_items)
