@@ -80,21 +80,22 @@ def divergence_terms(x, y, la, lb, kind: str):
     are those of :func:`askd_kernels._triton_math.divergence_terms`."""
     q, p = x.exp(), y.exp()
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    # 0·log 0 = 0 guards test "== 0", never "> 0", so that a NaN probability stays NaN.
     if kind == "fkl":
-        return torch.where(p > 0, p * (y - x), zero), -p, q
+        return torch.where(p == 0, zero, p * (y - x)), -p, q
     if kind == "rkl":
-        a = torch.where(q > 0, q * (x - y), zero)
+        a = torch.where(q == 0, zero, q * (x - y))
         return a, a, q
-    if kind == "tvd":
-        return 0.5 * (p - q).abs(), 0.5 * q * torch.sign(q - p), q
+    if kind == "tvd":  # sign(NaN) is 0: the 0·(q − p) term carries a NaN into the subgradient
+        return 0.5 * (p - q).abs(), 0.5 * q * torch.sign(q - p) + 0.0 * (q - p), q
     log_m = log_mixture(la + x, lb, y)
     if kind == "skl":
-        value = torch.where(p > 0, p * (y - log_m), zero)
-        return value, torch.where((p > 0) & (q > 0), -p * torch.exp(la + x - log_m), zero), q
+        value = torch.where(p == 0, zero, p * (y - log_m))
+        return value, torch.where((p == 0) | (q == 0), zero, -p * torch.exp(la + x - log_m)), q
     if kind == "srkl":
         d = x - log_m
-        skew = torch.where(p > 0, torch.exp(lb + y - log_m), zero)  # (1−α) p/m
-        return torch.where(q > 0, q * d, zero), torch.where(q > 0, q * (d + skew), zero), q
+        skew = torch.where(p == 0, zero, torch.exp(lb + y - log_m))  # (1−α) p/m
+        return torch.where(q == 0, zero, q * d), torch.where(q == 0, zero, q * (d + skew)), q
     # jsd, 0 < β < 1: w_q = 1 − β = e^{la}, w_p = β = e^{lb}
-    student = torch.where(q > 0, la.exp() * q * (x - log_m), zero)
-    return torch.where(p > 0, lb.exp() * p * (y - log_m), zero) + student, student, q
+    student = torch.where(q == 0, zero, la.exp() * q * (x - log_m))
+    return torch.where(p == 0, zero, lb.exp() * p * (y - log_m)) + student, student, q

@@ -132,29 +132,31 @@ def divergence_terms(x, y, la, lb, KIND: tl.constexpr):
     """
     q = tl.exp(x)
     p = tl.exp(y)
+    # 0·log 0 = 0 guards test "== 0", never "> 0", so that a NaN probability stays NaN.
     if KIND == 0:
-        value = tl.where(p > 0.0, p * (y - x), 0.0)
+        value = tl.where(p == 0.0, 0.0, p * (y - x))
         a = -p
     elif KIND == 1:
-        value = tl.where(q > 0.0, q * (x - y), 0.0)
+        value = tl.where(q == 0.0, 0.0, q * (x - y))
         a = value
     elif KIND == 5:
         value = 0.5 * tl.abs(p - q)
-        a = tl.where(q > p, 0.5 * q, tl.where(q < p, -0.5 * q, 0.0))
+        # the last branch is 0·(q − p): 0 at ties, NaN when either probability is NaN
+        a = tl.where(q > p, 0.5 * q, tl.where(q < p, -0.5 * q, 0.0 * (q - p)))
     else:
         log_m = log_mixture(la + x, lb, y)
         if KIND == 2:
-            value = tl.where(p > 0.0, p * (y - log_m), 0.0)
+            value = tl.where(p == 0.0, 0.0, p * (y - log_m))
             # α q/m; at α = 0 exp(−inf) = 0. Both p, q > 0 keeps log m finite.
-            a = tl.where((p > 0.0) & (q > 0.0), -p * tl.exp(la + x - log_m), 0.0)
+            a = tl.where((p == 0.0) | (q == 0.0), 0.0, -p * tl.exp(la + x - log_m))
         elif KIND == 3:
             d = x - log_m
-            skew = tl.where(p > 0.0, tl.exp(lb + y - log_m), 0.0)  # (1−α) p/m
-            value = tl.where(q > 0.0, q * d, 0.0)
-            a = tl.where(q > 0.0, q * (d + skew), 0.0)
+            skew = tl.where(p == 0.0, 0.0, tl.exp(lb + y - log_m))  # (1−α) p/m
+            value = tl.where(q == 0.0, 0.0, q * d)
+            a = tl.where(q == 0.0, 0.0, q * (d + skew))
         else:
-            a = tl.where(q > 0.0, tl.exp(la) * q * (x - log_m), 0.0)
-            value = tl.where(p > 0.0, tl.exp(lb) * p * (y - log_m), 0.0) + a
+            a = tl.where(q == 0.0, 0.0, tl.exp(la) * q * (x - log_m))
+            value = tl.where(p == 0.0, 0.0, tl.exp(lb) * p * (y - log_m)) + a
     return value, a, q
 
 

@@ -127,16 +127,8 @@ def test_askd_unchecked_alpha_out_of_range_is_nan(backend, unchecked, bad_alpha)
                             *_askd(student, labels, teacher, alpha=ALPHA4, **kw), POISONED)
 
 
-_NEGATIVE_LABEL = pytest.mark.xfail(strict=True, reason=(
-    "defect in askd/cpu.py row_stats: torch.where(lab < V_s, lq, nan) lets a negative label through "
-    "with log q = −inf (log_prob_at's value outside [0, width)), so with teacher_logprobs an SGO's "
-    "value is −inf and a TGO's a finite −log(1−α), not NaN; fix: (lab >= 0) & (lab < V_s) there "
-    "(both places in row_stats); the Triton kernel already gives NaN"))
-
-
 @pytest.mark.parametrize("bad_label, backend", [
-    (label, backend) if (label, backend) != ("-3", "torch") else pytest.param(label, backend, marks=_NEGATIVE_LABEL)
-    for label in ("V", "V+1000", "-3") for backend in ("torch", "triton")], indirect=["backend"])
+    (label, backend) for label in ("V", "V+1000", "-3") for backend in ("torch", "triton")], indirect=["backend"])
 def test_askd_unchecked_label_out_of_range_is_nan(backend, unchecked, bad_label):
     """docs/contract.md §7.3: never an exception or an out-of-bounds read, forward or backward."""
     V = 11
@@ -152,17 +144,8 @@ def test_askd_unchecked_label_out_of_range_is_nan(backend, unchecked, bad_label)
         _assert_nan_only_in(*_askd(student, bad, **kw), *_askd(student, labels, **kw), POISONED)
 
 
-_RB_NAN = pytest.mark.xfail(strict=True, reason=(
-    "rao_blackwell: its full-vocabulary skl/srkl terms come from divergence_terms, whose 0·log 0 guards "
-    "drop NaN (see the divergence_loss xfails: fix where(q == 0, 0, …)), so a NaN or ±inf row gives a "
-    "finite value; and its value never reads the label, so an unchecked out-of-range label leaves it "
-    "finite (suggested: make the value NaN where log q_t is NaN, e.g. add 0·log q_t per token)"))
-
-
-@pytest.mark.parametrize("case", [
-    pytest.param(case, marks=_RB_NAN) if case != "alpha" else case
-    for case in ("teacher_row", "teacher_entry", "student_entry", "student_row_-inf", "student_row_+inf",
-                 "alpha", "label")])
+@pytest.mark.parametrize("case", ["teacher_row", "teacher_entry", "student_entry", "student_row_-inf",
+                                  "student_row_+inf", "alpha", "label"])
 def test_rao_blackwell_nan_in_is_nan_out(backend, monkeypatch, case):
     """The rules above for estimator="rao_blackwell" (teacher logits only)."""
     student, teacher, labels = problem(20, B=4, T=5, V_s=11)
@@ -203,24 +186,10 @@ def test_askd_under_torch_compile_unchecked_values_are_nan(backend, what):
 
 
 # ---- 1. NaN in → NaN out: divergence_loss --------------------------------------------------------
-_DIV_NAN_GUARD = pytest.mark.xfail(strict=True, reason=(
-    "defect in _torch_math.divergence_terms and _triton_math.divergence_terms: the 0·log 0 guards "
-    "where(q > 0, …, 0) / where(p > 0, …, 0) are False for NaN, so a NaN row contributes 0 "
-    "(fix: where(q == 0, 0, …)); tvd's subgradient sign(q − p) is 0 for NaN"))
-
-
 def _div_cases():
-    """(kind, what is poisoned); combinations that currently give a finite answer are xfail."""
-    fails = {("rkl", "student_entry"), ("srkl", "student_entry"), ("rkl", "student_row_-inf"),
-             ("srkl", "student_row_-inf"), ("fkl", "teacher_entry"), ("skl", "teacher_entry"),
-             ("tvd", "teacher_entry"), ("fkl", "teacher_row_-inf"), ("skl", "teacher_row_-inf"),
-             ("tvd", "teacher_row_-inf")}
-    cases = []
-    for kind in KINDS:
-        for what in ("student_entry", "teacher_entry", "student_row_-inf", "teacher_row_-inf"):
-            marks = [_DIV_NAN_GUARD] if (kind, what) in fails else []
-            cases.append(pytest.param(kind, what, marks=marks, id=f"{kind}-{what}"))
-    return cases
+    """(kind, what is poisoned), every combination."""
+    return [pytest.param(kind, what, id=f"{kind}-{what}") for kind in KINDS
+            for what in ("student_entry", "teacher_entry", "student_row_-inf", "teacher_row_-inf")]
 
 
 @pytest.mark.parametrize("kind, what", _div_cases())
@@ -300,10 +269,6 @@ def test_token_logprobs_nan_in_is_nan_out(backend):
     _assert_nan_only_in(*run(h), *run(hidden), (1, 3))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "defect in askd/cpu.py student_gradient and askd/triton_gradient.py: a label outside [0, V) "
-    "makes log q NaN, but its gradient row is written as −g·softmax (finite) instead of NaN when the "
-    "row factor is finite (token_logprobs' factor −g does not carry the NaN)"))
 def test_token_logprobs_unchecked_label_out_of_range_is_nan(backend, unchecked):
     hidden, weight, bias, labels, _ = _head_problem(28)
     bad = labels.clone()
@@ -550,13 +515,7 @@ def test_tgo_zero_student_probability_at_the_label_is_finite(backend, alpha):
         assert torch.isnan(ref[0]).all()  # documents the oracle's NaN (reported); not ours to fix
 
 
-@pytest.mark.parametrize("estimator", [
-    "exact", "paper",
-    pytest.param("sequence", marks=pytest.mark.xfail(strict=True, reason=(
-        "defect in askd/cpu.py coefficients and askd/triton_coefficients.py: at α = 1 the sequence "
-        "estimator forms log_mixture(log α, log(1−α), Σℓ) = logaddexp(0, −inf + inf) = NaN when q = 0 at "
-        "a label (Σℓ = +inf), so λ = σ(−X) is NaN instead of 1; the per-token path already clamps ℓ to "
-        "≤ 0 at α = 1 (ell_m), the same clamp of Σℓ is missing")))])
+@pytest.mark.parametrize("estimator", ["exact", "paper", "sequence"])
 def test_tgo_zero_student_probability_at_alpha_one_is_forward_kl(backend, estimator):
     """α = 1 on a TGO is forward KL: with q = 0 at a label the value is +inf (exactly), and the
     gradient is still the finite NLL/SFT gradient (softmax − onehot)/τ of every token (λ = ρ = 1)."""
@@ -642,12 +601,6 @@ def test_divergence_extreme_logits_and_tiny_temperature(backend, kind, extreme):
         assert bool((value <= 1).all())
 
 
-@pytest.mark.parametrize("backend", [
-    "torch",
-    pytest.param("triton", marks=pytest.mark.xfail(strict=True, reason=(
-        "defect in divergence/triton.py (forward kernel): tvd's row sum ½Σ|p − q| of fp32 terms can "
-        "round to 1 + 1 ulp for disjoint supports; clamp the tvd value to ≤ 1 after the row sum, "
-        "keeping NaN (tl.where(value > 1, 1, value)), as divergence/cpu.py does")))], indirect=True)
 def test_tvd_is_at_most_one(backend):
     """Total variation never exceeds 1, even where fp32 rounding of Σp + Σq over two disjoint
     supports overshoots (these seeds do, by 1 ulp, without the clamp)."""
@@ -711,11 +664,6 @@ def test_num_items_unchecked_tensor_is_divided_by_as_given(unchecked, op):
 
 
 # ---- 5'. labels of every integer dtype; 7'. ignore_index over int64 ------------------------------
-_NEEDS_INT64_LABELS = pytest.mark.xfail(strict=True, reason=(
-    "needs the labels widened to int64 before any kernel in askd/api.py (check_askd_options: "
-    "ASKDArgs(check.index_labels(labels), …) instead of labels.contiguous()) and askd/fused_linear.py "
-    "(token_logprobs: check.index_labels(labels) instead of labels.contiguous()): the torch path's "
-    "gather rejects int8/int16/uint8 indices, and a narrow dtype compared with ignore_index wraps it"))
 LABEL_OPS = ["askd_loss", "divergence_loss", "askd_loss_from_hidden", "token_logprobs"]
 
 
@@ -742,16 +690,9 @@ def _run_op(op, labels, reduction="none", V=160, **kw):
 
 
 def _label_dtype_cases():
-    cases = []
-    for op in LABEL_OPS:
-        for dtype in (torch.int8, torch.uint8, torch.int16, torch.int32):
-            for backend in ("torch", "triton") if dtype in (torch.int8, torch.uint8) else ("torch",):
-                crashes = backend == "torch" and op != "divergence_loss" and dtype != torch.int32
-                # token_logprobs' backward tests labels != ignore_index in their own dtype (both backends)
-                wraps = op == "token_logprobs" and dtype == torch.uint8
-                cases.append(pytest.param(op, dtype, backend, marks=[_NEEDS_INT64_LABELS] if crashes or wraps else [],
-                                          id=f"{backend}-{op}-{str(dtype)[6:]}"))
-    return cases
+    return [pytest.param(op, dtype, backend, id=f"{backend}-{op}-{str(dtype)[6:]}") for op in LABEL_OPS
+            for dtype in (torch.int8, torch.uint8, torch.int16, torch.int32)
+            for backend in (("torch", "triton") if dtype in (torch.int8, torch.uint8) else ("torch",))]
 
 
 @pytest.mark.parametrize("op, dtype, backend", _label_dtype_cases(), indirect=["backend"])
@@ -772,15 +713,7 @@ def test_labels_of_every_integer_dtype(op, dtype, backend):
 
 
 def _ignore_index_cases():
-    cases = []
-    for op in LABEL_OPS:
-        for backend in ("torch", "triton"):
-            # the torch path compares int32 labels with ignore_index in int32; token_logprobs' backward
-            # does on both backends
-            wraps = op != "divergence_loss" and (backend == "torch" or op == "token_logprobs")
-            marks = [_NEEDS_INT64_LABELS] if wraps else []
-            cases.append(pytest.param(op, backend, marks=marks, id=f"{backend}-{op}"))
-    return cases
+    return [pytest.param(op, backend, id=f"{backend}-{op}") for op in LABEL_OPS for backend in ("torch", "triton")]
 
 
 @pytest.mark.parametrize("op, backend", _ignore_index_cases(), indirect=["backend"])

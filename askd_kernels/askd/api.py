@@ -164,7 +164,7 @@ def check_askd_options(device, labels, vocab, *, teachers, student_generated, al
     num_items = check.reduction_and_num_items(reduction, num_items, device)
     check.labels_in_vocab(labels, ignore_index, vocab)
     kappa = torch.where(sgo & clip, 0.0, 1.0) if clip is not None else torch.ones(B, device=device)
-    return ASKDArgs(labels.contiguous(), sgo.to(torch.int32), alpha, kappa.float(),
+    return ASKDArgs(check.index_labels(labels), sgo.to(torch.int32), alpha, kappa.float(),
                     detached_fp32(old_logprobs), baseline_groups, w_max, estimator, gamma, length_normalize, temperature,
                     ignore_index, reduction, num_items)
 

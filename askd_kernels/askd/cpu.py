@@ -30,7 +30,7 @@ def row_stats(student_logits, labels, teacher_logits, teacher_logprobs, *, tempe
         lab = flat_labels[sel]
         lq, ls = log_prob_at(z[sel], lab, inv_tau)
         # Out-of-range student labels poison the row with NaN, as the kernel does.
-        log_q[idx] = torch.where(lab < V_s, lq, float("nan"))
+        log_q[idx] = torch.where((lab >= 0) & (lab < V_s), lq, float("nan"))
         lse[idx] = ls
         if w is not None:
             log_p[idx] = log_prob_at(w[sel], lab, inv_tau)[0]
@@ -66,7 +66,7 @@ def full_vocab_row_stats(student_logits, labels, teacher_logits, alpha, sgo, kap
         lab, seq = flat_labels[sel], idx // T
         lq, ls = log_prob_at(z[sel], lab, inv_tau)
         log_p[idx], lt = log_prob_at(w[sel], lab, inv_tau)
-        log_q[idx] = torch.where(lab < V_s, lq, float("nan"))  # as the kernel: NaN, never out of bounds
+        log_q[idx] = torch.where((lab >= 0) & (lab < V_s), lq, float("nan"))  # as the kernel: NaN, never out of bounds
         lse[idx], lse_t[idx] = ls, lt
         # Summed over the student's vocabulary: the teacher's columns beyond V_s are no label's.
         x = log_softmax_at(z[sel], ls[:, 0], ls[:, 1], inv_tau)
@@ -116,7 +116,8 @@ def coefficients(log_q, log_ratio, log_q_old, labels, alpha, sgo, kappa, *, esti
     p_suffix = _suffix_sum(log_rho).exp()
 
     sum_l = torch.where(valid, ell, 0.0).sum(1, keepdim=True)
-    u_seq = log_mixture(log_a, log_1ma, sum_l)
+    sum_l_m = torch.where(log_1ma == float("-inf"), torch.clamp(sum_l, max=0.0), sum_l)  # as ell_m, α = 1
+    u_seq = log_mixture(log_a, log_1ma, sum_l_m)
     sig_seq = torch.exp(log_a - u_seq)
     # The SGO return that multiplies ∇log q(y_t): G_t, or F_t = G_t − u_t for rao_blackwell.
     ret = {"exact": g, "paper": g, "sequence": torch.zeros_like(g), "rao_blackwell": g - u}[estimator]
@@ -137,7 +138,9 @@ def coefficients(log_q, log_ratio, log_q_old, labels, alpha, sgo, kappa, *, esti
     if estimator == "sequence":
         d = torch.where(is_sgo, -u_seq, -log_mixture(log_1ma, log_a, -sum_l)).squeeze(1)
     elif estimator == "rao_blackwell":
-        d = torch.where(valid, fv_value.view(B, T), 0.0).sum(1)
+        # The value never reads the label: a NaN log q (a label outside the vocabulary) must show.
+        fv = torch.where(torch.isnan(log_q.view(B, T)), float("nan"), fv_value.view(B, T))
+        d = torch.where(valid, fv, 0.0).sum(1)
     else:
         d = torch.where(valid, torch.where(is_sgo, -u, -log_mixture(log_1ma, log_a, -ell)), 0.0).sum(1)
     value = torch.where(kappa != 0, kappa * d, 0.0)

@@ -287,9 +287,11 @@ def _logprobs_setup_context(ctx, inputs, output):
 
 
 def _logprobs_backward(ctx, grad_log_q, _grad_lse):
-    labels = ctx.saved_tensors[3]
-    # ∂log q/∂z = (onehot − softmax)/τ: stage (c)'s (softmax − onehot)/τ with factor −g.
-    return _linear_grads(ctx, torch.where(labels != ctx.ignore_index, -grad_log_q.float(), 0.0))
+    labels, V = ctx.saved_tensors[3], ctx.saved_tensors[1].shape[0]
+    # ∂log q/∂z = (onehot − softmax)/τ: stage (c)'s (softmax − onehot)/τ with factor −g. A label
+    # outside [0, V) (unchecked on CUDA / under compile) has a NaN log q: its gradient row is NaN too.
+    scale = torch.where((labels >= 0) & (labels < V), -grad_log_q.float(), float("nan"))
+    return _linear_grads(ctx, torch.where(labels != ctx.ignore_index, scale, 0.0))
 
 
 def _logprobs_fake(hidden, weight, bias, labels, temperature, ignore_index):
@@ -356,7 +358,7 @@ def token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opti
     temperature = check.temperature(temperature)
     check.integer("ignore_index", ignore_index)
     check.labels_in_vocab(labels, ignore_index, V, vocabulary="the rows of weight")
-    log_q, _lse = linear_logprobs_forward(hidden, weight, bias, labels.contiguous(), temperature,
+    log_q, _lse = linear_logprobs_forward(hidden, weight, bias, check.index_labels(labels), temperature,
                                           ignore_index)
     return log_q
 

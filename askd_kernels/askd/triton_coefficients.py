@@ -59,7 +59,8 @@ def _coefficients_kernel(
         lab = tl.load(LABELS + base + offs, mask=offs < T, other=ignore_index)
         sum_l += tl.load(LOG_RATIO + base + offs, mask=(offs < T) & (lab != ignore_index), other=0.0)
     sum_l = tl.sum(sum_l, axis=0)
-    u_seq = log_mixture(log_a, log_1ma, sum_l)
+    sum_l_m = tl.where(log_1ma == float("-inf"), tl.minimum(sum_l, 0.0, propagate_nan=tl.PropagateNan.ALL), sum_l)
+    u_seq = log_mixture(log_a, log_1ma, sum_l_m)  # α = 1: as ell_m below
     sig_seq = tl.exp(log_a - u_seq)
 
     # Pass 2: suffix scans, last chunk first, carrying G, Σγ^k and Σ log ρ of everything after it.
@@ -112,8 +113,9 @@ def _coefficients_kernel(
         n_after = tl.sum(tl.where(first, n_rem, 0.0), axis=0)
         log_p_after = tl.sum(tl.where(first, log_p, 0.0), axis=0)
         d_tok = tl.where(sgo, -u, -log_mixture(log_1ma, log_a, -ell))
-        if estimator == 3:
+        if estimator == 3:  # the value never reads the label: a NaN log q (label out of range) must show
             d_tok = tl.load(FV_VALUE + base + offs, mask=valid, other=0.0)
+            d_tok = tl.where(log_q != log_q, log_q, d_tok)
         sum_d += tl.where(valid, d_tok, 0.0)
 
     d_seq = tl.where(sgo, -u_seq, -log_mixture(log_1ma, log_a, -sum_l))
