@@ -2,15 +2,27 @@
 
 * :func:`vocab_block` — the block width every vocabulary loop uses (and ``NUM_WARPS``).
 * :func:`row_logsumexp` — the one online log-sum-exp of the package: ``logsumexp(z/τ)`` of a row, as
-  a (max, log-sum) pair, and :func:`log_softmax_at`, a log-probability from that pair.
+  a (max, log-sum) pair (:func:`row_pair_logsumexp`: two rows in one pass), and
+  :func:`log_softmax_at` / :func:`log2_softmax_at`, a (base-2) log-probability from that pair.
+* :func:`row_vector`, :func:`row_span`, :func:`edge_columns` — the aligned main loop of every
+  vocabulary pass: rows at any offset (V % 16 != 0) start their loop at the first 16-byte boundary,
+  so its loads and stores are 128-bit; the head before it and the tail after it (< 2·VEC columns)
+  are one masked edge block.
 * :func:`log_mixture` — ``log(α·e^a + (1−α)·e^b)`` in log space, exact at α ∈ {0, 1}
-  (``docs/contract.md`` §2: the mixture term u_t, and log m of the divergences).
+  (``docs/contract.md`` §2: the mixture term u_t); :func:`log2_mixture`, the same in base 2 (log m
+  of the divergences).
 * :func:`discounted_add` — the combine of a discounted suffix sum (``docs/contract.md`` §3: G_t).
 * :func:`divergence_terms` — per-column value and gradient terms of the full-vocabulary divergences
-  (``docs/contract.md`` §6).
+  (``docs/contract.md`` §6), in base 2; :func:`divergence_row_sums` / :func:`divergence_row_gradient`
+  stream them over a row pair.
+
+The vocabulary loops work in base 2 (``exp2``/``log2`` with log2(e)/τ folded into one per-row scale)
+and convert to natural units once per row.
 
 :mod:`askd_kernels._torch_math` holds the same math in PyTorch for the CPU paths.
 """
+import os
+
 import triton
 import triton.language as tl
 
@@ -25,9 +37,118 @@ def vocab_block(n_cols: int) -> int:
     return max(16, min(MAX_BLOCK, triton.next_power_of_2(n_cols)))
 
 
+# log2(e), ln 2 and log2(log2 e): the vocabulary loops work in base 2 (one MUFU.EX2 per exp2, where a
+# natural exp is a multiply plus a non-flushing ex2 with its subnormal fix-up), the scale folded into
+# one per-row constant; results are converted back to natural units once per row.
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+LOG2_LOG2E: tl.constexpr = tl.constexpr(0.5287663729448977)
+
+
+# log2 by the hardware's approximation (one MUFU.LG2, ``lg2.approx.ftz.f32``) in the divergence terms
+# where the kernels are compiled; the interpreter has no inline assembly and uses np.log2.
+# tests/test_fast_log.py runs the divergence checks against the fp64 oracle with the approximation's
+# documented error injected at its worst sign.
+FAST_LOG2: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"))
+
+
 @triton.jit
-def row_logsumexp(row_ptr, stride_v, n_cols, n_blocks, inv_tau, BLOCK: tl.constexpr):
-    """Online log-sum-exp of ``row[0:n_cols] / τ`` in fp32, returned as a pair ``(m, s)``:
+def fast_log2(v):
+    """``log2(v)`` of a non-negative fp32 (−inf at 0, NaN for NaN): one MUFU.LG2 where compiled
+    (absolute error ≤ 2^-22 for v in [0.5, 2], ≤ 2 ulp of the result elsewhere: CUDA C Programming
+    Guide, ``__log2f``), np.log2 under the interpreter."""
+    if FAST_LOG2:
+        r = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [v], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+    else:
+        r = tl.log2(v)
+    return r
+
+
+@triton.jit
+def log2_1p(t):
+    """``log2(1 + t)`` for t ∈ [0, 1] by :func:`fast_log2`: exactly 0 at t = 0 (so that α ∈ {0, 1}
+    stays exact), NaN for NaN."""
+    return tl.where(t == 0.0, 0.0, fast_log2(1.0 + t))
+
+
+def row_vector(anchor, *others, same_extent: bool = True) -> int:
+    """``VEC`` of the kernels' aligned main loop: the elements of 16 bytes of ``anchor``'s dtype when
+    its innermost stride is 1 and every tensor of ``others`` that is streamed in the same loop (same
+    dtype size, innermost stride 1) starts each row at the same offset modulo 16 bytes — its outer
+    strides congruent to the anchor's modulo VEC —, so that one head count aligns them all; 1 (a plain
+    masked loop, any strides) otherwise, or when the tensors' extents in the loop differ
+    (``same_extent=False``). Host-side, from strides only: no sync."""
+    vec = 16 // anchor.element_size()
+    if not same_extent or anchor.stride(-1) != 1:
+        return 1
+    for t in others:
+        if t.element_size() != anchor.element_size() or t.stride(-1) != 1:
+            return 1
+        if any((a - b) % vec for a, b in zip(t.stride()[:-1], anchor.stride()[:-1])):
+            return 1
+    return vec
+
+
+@triton.jit
+def row_span(row_off, n_cols, VEC: tl.constexpr):
+    """``(start, h, L)`` of a row at element offset ``row_off`` (int64) of a 16-byte aligned base, with
+    ``n_cols`` columns: ``start`` = the first offset ≥ ``row_off`` that is a multiple of ``VEC`` (the
+    compiler reads that from the arithmetic: no hint to trust), ``h`` = start − row_off the head
+    columns before it (≤ n_cols), ``L`` the length, a multiple of VEC, of the aligned main region
+    [h, h + L). The columns left, [0, h) and [h + L, n_cols) (fewer than 2·VEC), are the edge
+    (:func:`edge_columns`). VEC = 1: start = row_off, h = 0, L = n_cols (no edge)."""
+    start = (row_off + (VEC - 1)) // VEC * VEC
+    h = tl.minimum((start - row_off).to(tl.int32), n_cols)
+    return start, h, (n_cols - h) // VEC * VEC
+
+
+@triton.jit
+def main_len(h, n, VEC: tl.constexpr):
+    """Length of the aligned main region of a stream with ``n`` columns to read in a row whose span has
+    head ``h``: a multiple of VEC (0 when n ≤ h)."""
+    return tl.maximum(n - h, 0) // VEC * VEC
+
+
+@triton.jit
+def edge_columns(h, L, VEC: tl.constexpr):
+    """The 2·VEC edge lanes of a row: lanes [0, VEC) are the head columns (valid below ``h``), lanes
+    [VEC, 2·VEC) the tail columns h + L + j (valid below the stream's column count). Returns
+    ``(cols, head_or_tail)``; a lane reads where ``head_or_tail & (cols < n)``."""
+    lanes = tl.arange(0, 2 * VEC)
+    tail = lanes >= VEC
+    cols = tl.where(tail, h + L + lanes - VEC, lanes)
+    return cols, tail | (lanes < h)
+
+
+@triton.jit
+def _lse_block(m, acc, x, k):
+    """One online log-sum-exp step of a block ``x`` (fp32) with base-2 scale ``k`` = log2(e)/τ."""
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    # While everything seen is −inf, shift by 0 instead of −inf to avoid (−inf) − (−inf).
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, acc * tl.exp2((m - shift) * k) + tl.exp2((x - shift) * k)
+
+
+@triton.jit
+def _lse_edge(X, row_off, stride_v, n_cols, h, L, k, BLOCK: tl.constexpr, VEC: tl.constexpr):
+    """(m, acc) of the online log-sum-exp after the edge columns of a row (acc: a [BLOCK] vector
+    holding their rescaled sum in lane 0), or the empty state when VEC = 1 (no edge)."""
+    m = tl.full([], float("-inf"), dtype=tl.float32)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    if VEC > 1:
+        ecols, eok = edge_columns(h, L, VEC)
+        xe = tl.load(X + row_off + ecols * stride_v, mask=eok & (ecols < n_cols),
+                     other=float("-inf")).to(tl.float32)
+        m, acc_e = _lse_block(m, tl.zeros([2 * VEC], dtype=tl.float32), xe, k)
+        acc = tl.where(tl.arange(0, BLOCK) == 0, tl.sum(acc_e, axis=0), 0.0)
+    return m, acc
+
+
+@triton.jit
+def row_logsumexp(X, row_off, stride_v, n_cols, inv_tau, BLOCK: tl.constexpr, VEC: tl.constexpr):
+    """Online log-sum-exp of ``row[0:n_cols] / τ`` in fp32 (the row at element offset ``row_off`` of
+    ``X``), returned as a pair ``(m, s)``:
 
         m = max_v z_v  (of the raw logits)        s = log Σ_v exp((z_v − m)/τ)
 
@@ -37,23 +158,42 @@ def row_logsumexp(row_ptr, stride_v, n_cols, n_blocks, inv_tau, BLOCK: tl.conste
     exact for nearby values and ``(z_v − m)/τ`` cannot overflow for tiny τ the way ``z_v/τ`` can.
     So every result is invariant to adding a constant to the row, like a plain fp32 log_softmax.
 
-    Visits ``n_blocks`` blocks of ``BLOCK`` columns (pass 0 to skip the row: m = s = −inf). The
-    running maximum is a scalar per block while the rescaled sum stays a vector, so each element
-    costs one ``exp``. Entries equal to −inf (masked vocabulary) contribute 0; a row that is −inf
-    everywhere gives s = −inf; a NaN anywhere gives NaN.
+    Pass ``n_cols`` = 0 to skip the row (m = s = −inf). The edge columns (:func:`row_span`) go first,
+    then the aligned main loop, whose loads are VEC-wide (128-bit) for any row length. The running
+    maximum is a scalar per block while the rescaled sum stays a vector, so each element costs one
+    ``exp2`` (the scale log2(e)/τ folded in). Entries equal to −inf (masked vocabulary) contribute 0;
+    a row that is −inf everywhere gives s = −inf; a NaN anywhere gives NaN.
     """
+    k = inv_tau * LOG2E
+    start, h, L = row_span(row_off, n_cols, VEC)
+    m, acc = _lse_edge(X, row_off, stride_v, n_cols, h, L, k, BLOCK, VEC)
     cols = tl.arange(0, BLOCK)
-    m = tl.full([], float("-inf"), dtype=tl.float32)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in range(0, n_blocks):
+    for i in range(0, tl.cdiv(L, BLOCK)):
         offs = i * BLOCK + cols
-        x = tl.load(row_ptr + offs * stride_v, mask=offs < n_cols, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        # While everything seen is −inf, shift by 0 instead of −inf to avoid (−inf) − (−inf).
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        acc = acc * tl.exp((m - shift) * inv_tau) + tl.exp((x - shift) * inv_tau)
-        m = m_new
+        x = tl.load(X + start + offs * stride_v, mask=offs < L, other=float("-inf")).to(tl.float32)
+        m, acc = _lse_block(m, acc, x, k)
     return m, tl.log(tl.sum(acc, axis=0))
+
+
+@triton.jit
+def row_pair_logsumexp(S, s_off, stride_sv, W, w_off, stride_wv, n_cols, inv_tau, BLOCK: tl.constexpr,
+                       VEC: tl.constexpr):
+    """:func:`row_logsumexp` of a student row and a teacher row of the same length in one pass (both
+    rows' loads of a block issued together): ``(m_s, s_s, m_t, s_t)``. With VEC > 1 the two rows
+    must start at the same offset modulo VEC (:func:`row_vector`)."""
+    k = inv_tau * LOG2E
+    start, h, L = row_span(s_off, n_cols, VEC)
+    w_start = (w_off + (VEC - 1)) // VEC * VEC  # = w_off + h: congruent rows (row_vector)
+    m_s, acc_s = _lse_edge(S, s_off, stride_sv, n_cols, h, L, k, BLOCK, VEC)
+    m_t, acc_t = _lse_edge(W, w_off, stride_wv, n_cols, h, L, k, BLOCK, VEC)
+    cols = tl.arange(0, BLOCK)
+    for i in range(0, tl.cdiv(L, BLOCK)):
+        offs = i * BLOCK + cols
+        z = tl.load(S + start + offs * stride_sv, mask=offs < L, other=float("-inf")).to(tl.float32)
+        w = tl.load(W + w_start + offs * stride_wv, mask=offs < L, other=float("-inf")).to(tl.float32)
+        m_s, acc_s = _lse_block(m_s, acc_s, z, k)
+        m_t, acc_t = _lse_block(m_t, acc_t, w, k)
+    return m_s, tl.log(tl.sum(acc_s, axis=0)), m_t, tl.log(tl.sum(acc_t, axis=0))
 
 
 @triton.jit
@@ -93,6 +233,18 @@ def log_mixture(log_a, log_1ma, x):
 
 
 @triton.jit
+def log2_mixture(log_a, log_1ma, x):
+    """:func:`log_mixture` in base 2: ``log2(2^{log_a} + 2^{log_1ma + x})`` of base-2 logs, with the
+    same exactness (α ∈ {0, 1}: one term is 2^−inf = 0 and the result is the other exactly) and the
+    same NaN and −inf behaviour. One exp2 and one fast log2 of a number in [1, 2] (:func:`log2_1p`)."""
+    y = log_1ma + x
+    hi = tl.maximum(log_a, y, propagate_nan=tl.PropagateNan.ALL)
+    lo = tl.minimum(log_a, y, propagate_nan=tl.PropagateNan.ALL)
+    hi_safe = tl.where(hi == float("-inf"), 0.0, hi)
+    return hi + log2_1p(tl.exp2(lo - hi_safe))
+
+
+@triton.jit
 def discounted_add(v_later, f_later, v_earlier, f_earlier):
     """Combine of the suffix recurrence ``G_t = v_t + f_t · G_{t+1}`` for a reverse scan.
 
@@ -103,14 +255,32 @@ def discounted_add(v_later, f_later, v_earlier, f_earlier):
 
 
 @triton.jit
-def divergence_terms(x, y, la, lb, KIND: tl.constexpr):
-    """``(f-terms, a, q)`` of a block of columns for the divergence ``KIND``.
+def value_unit(KIND: tl.constexpr):
+    """Natural units per unit of :func:`divergence_terms`' value: ln 2 for the log-ratio kinds, 1 for tvd."""
+    if KIND == 5:
+        return 1.0
+    return LN2
 
-    ``x = log q``, ``y = log p`` (−inf for a probability of 0), ``la``/``lb`` the log weights of q
-    and p in the mixture m = w_q·q + w_p·p, with log m = log_mixture(la + x, lb, y) — never
+
+@triton.jit
+def a_unit(KIND: tl.constexpr):
+    """Natural units per unit of :func:`divergence_terms`' a_v: ln 2 where a_v carries a log ratio
+    (rkl, srkl, jsd), 1 where it is a probability (fkl, skl, tvd)."""
+    if KIND == 1 or KIND == 3 or KIND == 4:
+        return LN2
+    return 1.0
+
+
+@triton.jit
+def divergence_terms(x, y, la, lb, KIND: tl.constexpr):
+    """``(f-terms, a, q)`` of a block of columns for the divergence ``KIND``, in base 2.
+
+    ``x = log2 q``, ``y = log2 p`` (−inf for a probability of 0), ``la``/``lb`` the base-2 log weights
+    of q and p in the mixture m = w_q·q + w_p·p, with log2 m = log2_mixture(la + x, lb, y) — never
     log(p + q) — and (w_q, w_p) = (α, 1−α) for skl/srkl, (1−β, β) for jsd. The value of a token is
-    Σ_v f-terms; its gradient w.r.t. the student logits follows from a_v = q_v·∂f/∂q_v by the
-    softmax Jacobian: ∂f/∂z_v = (a_v − q_v·Σ_u a_u)/τ.
+    value_unit(KIND)·Σ_v f-terms and a_v (natural) = a_unit(KIND)·a; its gradient w.r.t. the student
+    logits follows from a_v = q_v·∂f/∂q_v by the softmax Jacobian: ∂f/∂z_v = (a_v − q_v·Σ_u a_u)/τ.
+    In natural units (ln 2 · base-2 log = natural log):
 
         KIND      f-terms of column v                        a_v
         0 fkl     p (y − x)                                  −p
@@ -124,14 +294,15 @@ def divergence_terms(x, y, la, lb, KIND: tl.constexpr):
     srkl's a_v is the full q·∂f/∂q including the dependence of m on q, with 1 − α q/m written as
     (1−α) p/m so that α = 1 gives exactly 0; jsd is for 0 < β < 1 only; tvd's subgradient is 0 at
     ties. Every term is guarded so that 0·log 0 = 0 (p_v = 0 or q_v = 0 from −inf logits or from
-    the padding of a block), and ratios like α q/m are formed as exp(log α + x − log m), exact at
-    α ∈ {0, 1}. Columns with x = y = −inf give (0, 0, 0).
+    the padding of a block), and ratios like α q/m are formed as exp2(log2 α + x − log2 m), exact at
+    α ∈ {0, 1}. Columns with x = y = −inf give (0, 0, 0). Probabilities below 2⁻¹²⁶ flush to 0
+    (exp2 is one flushing MUFU.EX2): they contribute nothing an fp32 sum would keep.
 
     KIND is a ``tl.constexpr``: each kind compiles to its own specialisation holding only its own
     math (no per-element selects over six formulas, fewer live registers).
     """
-    q = tl.exp(x)
-    p = tl.exp(y)
+    q = tl.exp2(x)
+    p = tl.exp2(y)
     # 0·log 0 = 0 guards test "== 0", never "> 0", so that a NaN probability stays NaN.
     if KIND == 0:
         value = tl.where(p == 0.0, 0.0, p * (y - x))
@@ -139,70 +310,145 @@ def divergence_terms(x, y, la, lb, KIND: tl.constexpr):
     elif KIND == 1:
         value = tl.where(q == 0.0, 0.0, q * (x - y))
         a = value
+    elif KIND == 4:
+        # 0 < β < 1: no endpoint to keep exact, so M = (1−β) q + β p directly, one exp2 per weighted
+        # probability and one fast log2; M ≥ each term > 0 keeps log M finite where a term is used.
+        wq = tl.exp2(la + x)
+        wp = tl.exp2(lb + y)
+        log_m = fast_log2(wq + wp)
+        a = tl.where(wq == 0.0, 0.0, wq * (x - log_m))
+        value = tl.where(wp == 0.0, 0.0, wp * (y - log_m)) + a
     elif KIND == 5:
         value = 0.5 * tl.abs(p - q)
         # the last branch is 0·(q − p): 0 at ties, NaN when either probability is NaN
         a = tl.where(q > p, 0.5 * q, tl.where(q < p, -0.5 * q, 0.0 * (q - p)))
     else:
-        log_m = log_mixture(la + x, lb, y)
+        log_m = log2_mixture(la + x, lb, y)
         if KIND == 2:
             value = tl.where(p == 0.0, 0.0, p * (y - log_m))
-            # α q/m; at α = 0 exp(−inf) = 0. Both p, q > 0 keeps log m finite.
-            a = tl.where((p == 0.0) | (q == 0.0), 0.0, -p * tl.exp(la + x - log_m))
+            # α q/m; at α = 0 exp2(−inf) = 0. Both p, q > 0 keeps log m finite.
+            a = tl.where((p == 0.0) | (q == 0.0), 0.0, -p * tl.exp2(la + x - log_m))
         elif KIND == 3:
             d = x - log_m
-            skew = tl.where(p == 0.0, 0.0, tl.exp(lb + y - log_m))  # (1−α) p/m
+            # (1−α) p/m · log2(e), in the units of d
+            skew = tl.where(p == 0.0, 0.0, tl.exp2((lb + LOG2_LOG2E) + (y - log_m)))
             value = tl.where(q == 0.0, 0.0, q * d)
             a = tl.where(q == 0.0, 0.0, q * (d + skew))
-        else:
-            a = tl.where(q == 0.0, 0.0, tl.exp(la) * q * (x - log_m))
-            value = tl.where(p == 0.0, 0.0, tl.exp(lb) * p * (y - log_m)) + a
     return value, a, q
 
 
 @triton.jit
-def block_log_probs(s_row, stride_sv, n_s, w_row, stride_wv, n_t, offs, inv_tau, m_s, s_s, m_t, s_t):
-    """log q and log p at the columns ``offs`` of a student row and a teacher row, from their
-    (max, log-sum) pairs; student columns ≥ ``n_s`` and teacher columns ≥ ``n_t`` are not read and
-    give −inf (probability 0)."""
-    z = tl.load(s_row + offs * stride_sv, mask=offs < n_s, other=float("-inf"))
-    w = tl.load(w_row + offs * stride_wv, mask=offs < n_t, other=float("-inf"))
-    return log_softmax_at(z, m_s, s_s, inv_tau), log_softmax_at(w, m_t, s_t, inv_tau)
+def log2_softmax_at(x, m, s, k):
+    """``log2 softmax(z/τ)`` at raw logits ``x`` of a row with :func:`row_logsumexp` pair ``(m, s)``;
+    ``k`` = log2(e)/τ."""
+    return (x.to(tl.float32) - m) * k - s * LOG2E
 
 
 @triton.jit
-def divergence_row_sums(s_row, stride_sv, n_s, w_row, stride_wv, n_t, n_blocks, inv_tau, m_s, s_s, m_t, s_t,
-                        la, lb, KIND: tl.constexpr, BLOCK: tl.constexpr):
-    """``(Σ_v f-terms, S = Σ_v a_v)`` of :func:`divergence_terms` over ``n_blocks`` blocks of a row
-    pair (see :func:`block_log_probs` for ``n_s``/``n_t``): a token's full-vocabulary value and the
-    statistic its gradient needs. Scalar accumulators (one reduction per block): vector ones would
-    keep 2·BLOCK/threads more registers live, which spills the heaviest kinds at the largest block."""
-    cols = tl.arange(0, BLOCK)
+def divergence_row_sums(S, s_off, stride_sv, n_s, W, w_off, stride_wv, n_t, inv_tau, m_s, s_s, m_t, s_t,
+                        la, lb, KIND: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr):
+    """``(Σ_v f-terms, S = Σ_v a_v)`` (natural units) of :func:`divergence_terms` over a row pair —
+    the student row at element offset ``s_off`` of ``S``, the teacher's at ``w_off`` of ``W``, with
+    ``n_s`` / ``n_t`` columns to read (0: skip; student columns ≥ n_s and teacher columns ≥ n_t give
+    probability 0; n_t ≤ n_s) — from their (max, log-sum) pairs; ``la``/``lb`` natural log weights. The edge
+    columns first, then the aligned main loop (VEC > 1 needs congruent rows, :func:`row_vector`, and
+    n_t ∈ {0, n_s}). Vector accumulators reduced after the loop, except for skl / srkl (scalar ones,
+    one reduction per block: see below)."""
+    k = inv_tau * LOG2E
+    la2 = la * LOG2E
+    lb2 = lb * LOG2E
+    start, h, L = row_span(s_off, n_s, VEC)
+    w_start = (w_off + (VEC - 1)) // VEC * VEC
+    L_t = main_len(h, n_t, VEC)
     value = tl.zeros([], dtype=tl.float32)
     row_sum = tl.zeros([], dtype=tl.float32)
-    for i in range(0, n_blocks):
-        x, y = block_log_probs(s_row, stride_sv, n_s, w_row, stride_wv, n_t, i * BLOCK + cols, inv_tau,
-                               m_s, s_s, m_t, s_t)
-        v, a, _q = divergence_terms(x, y, la, lb, KIND)
-        value += tl.sum(v, axis=0)
-        row_sum += tl.sum(a, axis=0)
-    return value, row_sum
+    if VEC > 1:
+        ecols, eok = edge_columns(h, L, VEC)
+        ze = tl.load(S + s_off + ecols * stride_sv, mask=eok & (ecols < n_s), other=float("-inf"))
+        we = tl.load(W + w_off + ecols * stride_wv, mask=eok & (ecols < n_t), other=float("-inf"))
+        ve, ae, _qe = divergence_terms(log2_softmax_at(ze, m_s, s_s, k), log2_softmax_at(we, m_t, s_t, k), la2,
+                                       lb2, KIND)
+        # lanes outside the row add nothing (an empty row, n_s = 0, has m = s = −inf: its terms are NaN)
+        inside = eok & (ecols < n_s)
+        value += tl.sum(tl.where(inside, ve, 0.0), axis=0)
+        row_sum += tl.sum(tl.where(inside, ae, 0.0), axis=0)
+    cols = tl.arange(0, BLOCK)
+    if KIND == 2 or KIND == 3:
+        # skl / srkl: scalar accumulators, one reduction per block (vector ones keep 2·BLOCK/threads
+        # more registers live across the loop: a stack frame at the largest block without 128-bit
+        # loads, tests/test_aot.py)
+        for i in range(0, tl.cdiv(L, BLOCK)):
+            offs = i * BLOCK + cols
+            z = tl.load(S + start + offs * stride_sv, mask=offs < L, other=float("-inf"))
+            w = tl.load(W + w_start + offs * stride_wv, mask=offs < L_t, other=float("-inf"))
+            v, a, _q = divergence_terms(log2_softmax_at(z, m_s, s_s, k), log2_softmax_at(w, m_t, s_t, k), la2,
+                                        lb2, KIND)
+            value += tl.sum(v, axis=0)
+            row_sum += tl.sum(a, axis=0)
+    else:
+        # vector accumulators, reduced once after the loop: no per-block shuffles and barrier
+        value_acc = tl.zeros([BLOCK], dtype=tl.float32)
+        sum_acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for i in range(0, tl.cdiv(L, BLOCK)):
+            offs = i * BLOCK + cols
+            z = tl.load(S + start + offs * stride_sv, mask=offs < L, other=float("-inf"))
+            w = tl.load(W + w_start + offs * stride_wv, mask=offs < L_t, other=float("-inf"))
+            v, a, _q = divergence_terms(log2_softmax_at(z, m_s, s_s, k), log2_softmax_at(w, m_t, s_t, k), la2,
+                                        lb2, KIND)
+            value_acc += v
+            sum_acc += a
+        value += tl.sum(value_acc, axis=0)
+        row_sum += tl.sum(sum_acc, axis=0)
+    return value * value_unit(KIND), row_sum * a_unit(KIND)
 
 
 @triton.jit
-def divergence_row_gradient(g_row, s_row, stride_sv, V_s, n_s, w_row, stride_wv, n_t, inv_tau, m_s, s_s, m_t, s_t,
-                            la, lb, scale, row_sum, label, scale_label, KIND: tl.constexpr, BLOCK: tl.constexpr):
-    """Write one gradient row ``scale·(a_v − q_v·S) + scale_label·(q_v − 1[v = label])`` over the
-    student's ``V_s`` columns into ``g_row`` (in its dtype), with a_v, q_v of :func:`divergence_terms`
-    and S = ``row_sum``: the full-vocabulary divergence's gradient (``scale`` = g/τ) plus a
-    sampled-token REINFORCE term (``scale_label`` = c/τ; pass 0 and label −1 for none). The
-    divergence part is exactly 0 where ``scale`` is 0 (a dead row, or an infinite S whose a_v are
-    infinite). Columns ≥ ``n_s`` / ``n_t`` are not read (see :func:`block_log_probs`)."""
-    cols = tl.arange(0, BLOCK)
-    for i in range(0, tl.cdiv(V_s, BLOCK)):
-        offs = i * BLOCK + cols
-        x, y = block_log_probs(s_row, stride_sv, n_s, w_row, stride_wv, n_t, offs, inv_tau, m_s, s_s, m_t, s_t)
-        _v, a, q = divergence_terms(x, y, la, lb, KIND)
-        grad = tl.where(scale != 0.0, scale * (a - q * row_sum), 0.0)
+def _gradient_columns(x, y, la2, lb2, scale, row_sum, live, offs, label, scale_label, KIND: tl.constexpr,
+                      HAS_LABEL: tl.constexpr):
+    _v, a, q = divergence_terms(x, y, la2, lb2, KIND)
+    # a_v − q_v·S in natural units first, then the scale: where a token's whole S is one column's a_v
+    # and its q is 1 (τ → 0), the difference is exactly 0, however large g/τ is
+    grad = tl.where(live, scale * (a * a_unit(KIND) - q * row_sum), 0.0)
+    if HAS_LABEL:
         grad += scale_label * (q - tl.where(offs == label, 1.0, 0.0))
-        tl.store(g_row + offs, grad.to(g_row.dtype.element_ty), mask=offs < V_s)
+    return grad
+
+
+@triton.jit
+def divergence_row_gradient(G, g_off, S, s_off, stride_sv, V_s, n_s, W, w_off, stride_wv, n_t, inv_tau,
+                            m_s, s_s, m_t, s_t, la, lb, scale, row_sum, label, scale_label,
+                            KIND: tl.constexpr, HAS_LABEL: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr):
+    """Write one gradient row ``scale·(a_v − q_v·S) + scale_label·(q_v − 1[v = label])`` over the
+    student's ``V_s`` columns at element offset ``g_off`` of ``G`` (in its dtype), with a_v, q_v of
+    :func:`divergence_terms` (natural units) and S = ``row_sum``: the full-vocabulary divergence's
+    gradient (``scale`` = g/τ) plus, if ``HAS_LABEL``, a sampled-token REINFORCE term (``scale_label``
+    = c/τ). The divergence part is exactly 0 where ``scale`` is 0 (a dead row, or an infinite S whose
+    a_v are infinite). Columns ≥ ``n_s`` / ``n_t`` are not read (see :func:`divergence_row_sums`);
+    with VEC > 1 the gradient row must be congruent with the student row and n_s, n_t ∈ {0, V_s}.
+    The label is compared in int32 (clamped to [−1, V_s]: no column matches outside the row)."""
+    k = inv_tau * LOG2E
+    la2 = la * LOG2E
+    lb2 = lb * LOG2E
+    live = scale != 0.0
+    start, h, L = row_span(s_off, V_s, VEC)
+    w_start = (w_off + (VEC - 1)) // VEC * VEC
+    g_start = (g_off + (VEC - 1)) // VEC * VEC
+    L_s = main_len(h, n_s, VEC)
+    L_t = main_len(h, n_t, VEC)
+    lab = tl.minimum(tl.maximum(label, -1), V_s).to(tl.int32)
+    if VEC > 1:
+        ecols, eok = edge_columns(h, L, VEC)
+        ze = tl.load(S + s_off + ecols * stride_sv, mask=eok & (ecols < n_s), other=float("-inf"))
+        we = tl.load(W + w_off + ecols * stride_wv, mask=eok & (ecols < n_t), other=float("-inf"))
+        ge = _gradient_columns(log2_softmax_at(ze, m_s, s_s, k), log2_softmax_at(we, m_t, s_t, k), la2, lb2,
+                               scale, row_sum, live, ecols, lab, scale_label, KIND, HAS_LABEL)
+        tl.store(G + g_off + ecols, ge.to(G.dtype.element_ty), mask=eok & (ecols < V_s))
+    cols = tl.arange(0, BLOCK)
+    lab_main = lab - h  # the label's offset in the main region
+    for i in range(0, tl.cdiv(L, BLOCK)):
+        offs = i * BLOCK + cols
+        z = tl.load(S + start + offs * stride_sv, mask=offs < L_s, other=float("-inf"))
+        w = tl.load(W + w_start + offs * stride_wv, mask=offs < L_t, other=float("-inf"))
+        grad = _gradient_columns(log2_softmax_at(z, m_s, s_s, k), log2_softmax_at(w, m_t, s_t, k), la2, lb2,
+                                 scale, row_sum, live, offs, lab_main, scale_label, KIND, HAS_LABEL)
+        tl.store(G + g_start + offs, grad.to(G.dtype.element_ty), mask=offs < L)

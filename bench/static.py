@@ -30,7 +30,10 @@ mutually exclusive branches such as the SGO/TGO ones of the rao_blackwell kernel
     t_loop  = max(t_dram, t_issue, t_mufu)
 
 and "% of DRAM roofline" = (kernel bytes from the interpreter count / peak bandwidth) / predicted
-time. Constants in :data:`GPUS`, :data:`IPC`, :data:`DRAM_EFFICIENCY`. Ignored: launch and tail
+time, at IPC = 0.7 and at the ends of the model's range, IPC = 0.5 (pessimistic) and 1.0 (optimistic).
+:data:`PAIRS` adds up forward + backward (askd's stage (a) + stage (c), rao_blackwell's, each
+divergence kind's) per shape and target. Constants in :data:`GPUS`, :data:`IPC`,
+:data:`IPC_PESSIMISTIC`, :data:`IPC_OPTIMISTIC`, :data:`DRAM_EFFICIENCY`. Ignored: launch and tail
 effects, the prologue/epilogue outside the loops, latency hiding limits at low occupancy, L2 hits
 on a second pass over a row (a 300 KB bf16 row pair × hundreds of rows in flight exceeds L2).
 """
@@ -56,6 +59,8 @@ DIVERGENCE_KINDS = ("fkl", "rkl", "skl", "srkl", "jsd", "tvd")
 
 # Issue-rate assumption: warp instructions per scheduler per clock actually achieved (peak 1).
 IPC = 0.7
+# The model's range: the same prediction at a pessimistic and at an optimistic issue rate (the peak).
+IPC_PESSIMISTIC, IPC_OPTIMISTIC = 0.5, 1.0
 # Fraction of peak DRAM bandwidth a streaming kernel reaches (a device-to-device copy: ~90%).
 DRAM_EFFICIENCY = 0.9
 MUFU_PER_SM_CLOCK = 16           # CUDA C Programming Guide, arithmetic throughput table, cc 8.0 / 9.0
@@ -494,6 +499,7 @@ def predict(rec: dict, bytes_per_elem: float | None, alternatives: int, gpu: Gpu
 KERNEL_FIELDS = ["kernel", "V", "sm", "gpu", "reg", "local", "stack", "shared", "num_warps", "block",
                  "ctas_per_sm", "warps_per_sm", "occupancy_limiter", "loops", "instr_per_elem", "mufu_per_elem",
                  "sass_bytes_per_elem", "bytes_per_elem", "predicted_us", "roofline_us", "pct_of_roofline",
+                 "pct_pessimistic", "pct_optimistic", "predicted_us_pessimistic", "predicted_us_optimistic",
                  "divisible_by_16"]
 LOOP_FIELDS = ["kernel", "V", "sm", "loop", "weight", "instructions", "local", "elems_per_thread", "instr_per_elem", "mufu",
                "mufu_per_elem", "mufu_ops", "loads", "stores", "bytes_per_elem", "t_dram_us", "t_issue_us",
@@ -512,8 +518,11 @@ def build(names=None, vocabs=VOCABS, targets=TARGETS, ipc=IPC, dram_eff=DRAM_EFF
     for rec in compiled:
         gpu = GPUS[rec["sm"]]
         moved = bytes_per_elem(bytes_of[rec["kernel"]], rec["V"]) if rec["kernel"] in bytes_of else None
-        pred = predict(rec, moved, alt.get(rec["kernel"], 0), gpu,
-                       rec["V"] if per_row.get(rec["kernel"], 1) else 1, ipc, dram_eff)
+        elems = rec["V"] if per_row.get(rec["kernel"], 1) else 1
+        pred = predict(rec, moved, alt.get(rec["kernel"], 0), gpu, elems, ipc, dram_eff)
+        ends = [predict(rec, moved, alt.get(rec["kernel"], 0), gpu, elems, r, dram_eff)
+                for r in (IPC_PESSIMISTIC, IPC_OPTIMISTIC)]
+        timed = bool(per_row.get(rec["kernel"], 1))  # the per-sequence kernel: latency, no time
         w = pred["weights"]
         kernels.append({
             "kernel": rec["kernel"], "V": rec["V"], "sm": rec["sm"], "gpu": gpu.name, "reg": rec.get("reg"),
@@ -528,7 +537,12 @@ def build(names=None, vocabs=VOCABS, targets=TARGETS, ipc=IPC, dram_eff=DRAM_EFF
             # the per-sequence kernel is a serial scan over 8 programs: latency, not throughput
             "predicted_us": pred["predicted_us"] if per_row.get(rec["kernel"], 1) else None,
             "roofline_us": pred["roofline_us"] if per_row.get(rec["kernel"], 1) else None,
-            "pct_of_roofline": pred["pct_of_roofline"] if per_row.get(rec["kernel"], 1) else None, "divisible_by_16": " ".join(rec["divisible_by_16"]),
+            "pct_of_roofline": pred["pct_of_roofline"] if timed else None,
+            "pct_pessimistic": ends[0]["pct_of_roofline"] if timed else None,
+            "pct_optimistic": ends[1]["pct_of_roofline"] if timed else None,
+            "predicted_us_pessimistic": ends[0]["predicted_us"] if timed else None,
+            "predicted_us_optimistic": ends[1]["predicted_us"] if timed else None,
+            "divisible_by_16": " ".join(rec["divisible_by_16"]),
         })
         for i, (lp, p) in enumerate(zip(rec["loops"], pred["loops"])):
             loop_rows.append({
@@ -543,6 +557,38 @@ def build(names=None, vocabs=VOCABS, targets=TARGETS, ipc=IPC, dram_eff=DRAM_EFF
     return kernels, loop_rows
 
 
+# Forward + backward of each op: (name, forward kernel, backward kernel).
+PAIRS = [("askd (stage a + c)", "row_stats", "gradient"),
+         ("askd rao_blackwell (a + c)", "full_vocab_row_stats", "full_vocab_gradient"),
+         *[(f"divergence {k} (fwd + bwd)", f"divergence_forward[{k}]", f"divergence_backward[{k}]")
+           for k in DIVERGENCE_KINDS]]
+
+
+def pairs(kernels: list[dict]) -> list[dict]:
+    """Forward + backward per op, shape and target: predicted µs at IPC 0.5 / 0.7 / 1.0, the DRAM
+    roofline of the bytes both kernels move, and % of it (PREDICTED)."""
+    by = {(k["kernel"], k["V"], k["sm"]): k for k in kernels}
+    out = []
+    for name, fwd, bwd in PAIRS:
+        for (kname, V, sm), f in by.items():
+            b = by.get((bwd, V, sm))
+            if kname != fwd or b is None or f["predicted_us"] is None or f["roofline_us"] is None:
+                continue
+            row = {"op": name, "V": V, "sm": sm, "bytes_per_elem": f["bytes_per_elem"] + b["bytes_per_elem"],
+                   "roofline_us": f["roofline_us"] + b["roofline_us"]}
+            for tag, key in (("pessimistic", "predicted_us_pessimistic"), ("", "predicted_us"),
+                             ("optimistic", "predicted_us_optimistic")):
+                t = f[key] + b[key]
+                row[f"predicted_us{'_' + tag if tag else ''}"] = t
+                row[f"pct{'_' + tag if tag else ''}"] = 100.0 * row["roofline_us"] / t
+            out.append(row)
+    return out
+
+
+PAIR_FIELDS = ["op", "V", "sm", "bytes_per_elem", "roofline_us", "predicted_us_pessimistic", "predicted_us",
+               "predicted_us_optimistic", "pct_pessimistic", "pct", "pct_optimistic"]
+
+
 def _fmt(v, digits=2):
     if v is None:
         return "-"
@@ -553,17 +599,29 @@ def _fmt(v, digits=2):
 
 def markdown(kernels: list[dict], loop_rows: list[dict]) -> str:
     lines = [f"Static report: B={BATCH}, T={SEQ}, bf16 logits. Times are PREDICTED by the model of "
-             f"bench/static.py (IPC={IPC}, DRAM efficiency={DRAM_EFFICIENCY}), not measured.", "",
-             "### Kernels", "",
-             "| kernel | V | sm | reg | spill/stack | smem B | CTAs/SM | warps/SM | loops | instr/elem | MUFU/elem "
-             "| bytes/elem | predicted µs | DRAM roofline µs | % of roofline (predicted) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"bench/static.py (IPC={IPC}, range {IPC_PESSIMISTIC}–{IPC_OPTIMISTIC}; DRAM efficiency="
+             f"{DRAM_EFFICIENCY}), not measured.", "",
+             "### Forward + backward (predicted)", "",
+             f"| op | V | sm | bytes/elem | DRAM roofline µs | predicted µs (IPC {IPC_PESSIMISTIC} / {IPC} / "
+             f"{IPC_OPTIMISTIC}) | % of roofline (IPC {IPC_PESSIMISTIC} / {IPC} / {IPC_OPTIMISTIC}) |",
+             "|---|---|---|---|---|---|---|"]
+    for p in pairs(kernels):
+        lines.append("| " + " | ".join([
+            p["op"], str(p["V"]), str(p["sm"]), _fmt(p["bytes_per_elem"]), _fmt(p["roofline_us"], 0),
+            " / ".join(_fmt(p[k], 0) for k in ("predicted_us_pessimistic", "predicted_us", "predicted_us_optimistic")),
+            " / ".join(_fmt(p[k], 0) for k in ("pct_pessimistic", "pct", "pct_optimistic"))]) + " |")
+    lines += ["", "### Kernels", "",
+              "| kernel | V | sm | reg | spill/stack | smem B | CTAs/SM | warps/SM | loops | instr/elem | MUFU/elem "
+              "| bytes/elem | predicted µs | DRAM roofline µs | % of roofline (predicted; IPC 0.5 / 0.7 / 1.0) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for k in kernels:
+        pct = " / ".join(_fmt(k[c], 0) for c in ("pct_pessimistic", "pct_of_roofline", "pct_optimistic"))
         lines.append("| " + " | ".join([
             k["kernel"], str(k["V"]), str(k["sm"]), _fmt(k["reg"]), f"{_fmt(k['local'])}/{_fmt(k['stack'])}",
             _fmt(k["shared"]), _fmt(k["ctas_per_sm"]), _fmt(k["warps_per_sm"]), _fmt(k["loops"]),
             _fmt(k["instr_per_elem"]), _fmt(k["mufu_per_elem"]), _fmt(k["bytes_per_elem"]),
-            _fmt(k["predicted_us"], 0), _fmt(k["roofline_us"], 0), _fmt(k["pct_of_roofline"], 0)]) + " |")
+            _fmt(k["predicted_us"], 0), _fmt(k["roofline_us"], 0),
+            pct if k["pct_of_roofline"] is not None else "-"]) + " |")
     lines += ["", "### Loops of the SASS (per element; weight < 1: one of mutually exclusive branches)", "",
               "| kernel | V | sm | loop | weight | body instr | elem/thread | instr/elem | MUFU/elem | MUFU ops "
               "| global loads | global stores | bytes/elem | bound (predicted) |",
@@ -579,7 +637,8 @@ def markdown(kernels: list[dict], loop_rows: list[dict]) -> str:
 def write(out: Path, kernels: list[dict], loop_rows: list[dict]) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, rows, fields in (("kernels.csv", kernels, KERNEL_FIELDS), ("loops.csv", loop_rows, LOOP_FIELDS)):
+    for name, rows, fields in (("kernels.csv", kernels, KERNEL_FIELDS), ("loops.csv", loop_rows, LOOP_FIELDS),
+                               ("pairs.csv", pairs(kernels), PAIR_FIELDS)):
         path = out / name
         with open(path, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=fields)
@@ -621,7 +680,7 @@ def run_cli(args: argparse.Namespace) -> int:
     kernels, loop_rows = report(args.out, words(args.kernels), vocabs, targets, args.ipc, args.dram_efficiency,
                                 not args.no_traffic)
     print(markdown(kernels, loop_rows))
-    print(f"wrote kernels.csv, loops.csv, report.md in {args.out}", file=sys.stderr)
+    print(f"wrote kernels.csv, loops.csv, pairs.csv, report.md in {args.out}", file=sys.stderr)
     return 0
 
 

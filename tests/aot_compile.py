@@ -7,8 +7,10 @@ target it compiles the kernel with ``triton.compile(ASTSource(...), target=GPUTa
 and prints one JSON line per compile: kernel, target, registers, local memory (spills), shared.
 
 The signatures mirror what the launchers pass: logits in each supported dtype, 32-bit sizes and
-strides with the innermost stride specialised to 1 (what Triton does for contiguous rows), and the
-smallest and largest block each launcher can choose. No divisibility-by-16 attributes are given, so
+strides with the innermost stride specialised to 1 (what Triton does for contiguous rows), the
+smallest and largest block each launcher can choose, and the aligned main loop's ``VEC`` (16 bytes
+of the dtype: the edge block and the aligned loop; the i64-stride variants take VEC = 1, the plain
+masked loop of rows that cannot be aligned together). No divisibility-by-16 attributes are given, so
 these are the most conservative (narrowest-access) versions; ``tests/test_static.py`` compiles the
 benchmark's launches with the attributes a real launch derives (``bench/static.py``).
 """
@@ -32,6 +34,11 @@ TARGETS = (80, 90)
 LOGIT_TYPES = ("*bf16", "*fp16", "*fp32")
 
 
+def _vec(dtype, stride):
+    """VEC of the launchers' row_vector: 16 bytes of the dtype, or 1 (i64 variants: the unaligned path)."""
+    return 1 if stride == "i64" else 16 // {"*bf16": 2, "*fp16": 2, "*fp32": 4}[dtype]
+
+
 def _row_stats_specs():
     # (teacher logits?, logits dtype, block, stride type): i64 strides are what the launcher passes
     # once a tensor spans more than 2^31 elements.
@@ -43,9 +50,10 @@ def _row_stats_specs():
             "W": dtype, "stride_wb": stride, "stride_wt": stride, "stride_wv": "constexpr", "V_t": "i32",
             "LOGP_T": "*fp32", "LABELS": "*i64", "T": "i32", "ignore_index": "i32", "inv_tau": "fp32",
             "LOG_Q": "*fp32", "LOG_RATIO": "*fp32", "LSE": "*fp32",
-            "TEACHER_LOGITS": "constexpr", "BLOCK": "constexpr",
+            "TEACHER_LOGITS": "constexpr", "BLOCK": "constexpr", "VEC": "constexpr", "VEC_T": "constexpr",
         }
-        const = {"stride_sv": 1, "stride_wv": 1, "TEACHER_LOGITS": teacher, "BLOCK": block}
+        const = {"stride_sv": 1, "stride_wv": 1, "TEACHER_LOGITS": teacher, "BLOCK": block,
+                 "VEC": _vec(dtype, stride), "VEC_T": _vec(dtype, stride) if teacher else 1}
         yield f"row_stats[{dtype[1:]},teacher={teacher},BLOCK={block},strides={stride}]", \
             row_stats._row_stats_kernel, sig, const, _triton_math.NUM_WARPS
 
@@ -65,15 +73,17 @@ def _coefficients_specs():
 
 
 def _gradient_specs():
-    for dtype in LOGIT_TYPES:
-        for block in (16, _triton_math.MAX_BLOCK):
-            sig = {
-                "S": dtype, "stride_sb": "i32", "stride_st": "i32", "stride_sv": "constexpr", "V_s": "i32",
-                "LABELS": "*i64", "COEF": "*fp32", "LSE": "*fp32", "G_SEQ": "*fp32", "GRAD": dtype,
-                "T": "i32", "inv_tau": "fp32", "BLOCK": "constexpr",
-            }
-            yield f"gradient[{dtype[1:]},BLOCK={block}]", gradient._gradient_kernel, sig, \
-                {"stride_sv": 1, "BLOCK": block}, _triton_math.NUM_WARPS
+    # every dtype × smallest/largest block with the aligned main loop, plus the VEC = 1 variant
+    variants = [(d, b, _vec(d, "i32")) for d in LOGIT_TYPES for b in (16, _triton_math.MAX_BLOCK)]
+    variants.append(("*bf16", _triton_math.MAX_BLOCK, 1))
+    for dtype, block, vec in variants:
+        sig = {
+            "S": dtype, "stride_sb": "i32", "stride_st": "i32", "stride_sv": "constexpr", "V_s": "i32",
+            "LABELS": "*i64", "COEF": "*fp32", "LSE": "*fp32", "G_SEQ": "*fp32", "GRAD": dtype,
+            "T": "i32", "inv_tau": "fp32", "BLOCK": "constexpr", "VEC": "constexpr",
+        }
+        yield f"gradient[{dtype[1:]},BLOCK={block},VEC={vec}]", gradient._gradient_kernel, sig, \
+            {"stride_sv": 1, "BLOCK": block, "VEC": vec}, _triton_math.NUM_WARPS
 
 
 def _divergence_specs():
@@ -87,8 +97,10 @@ def _divergence_specs():
             "W": dtype, "stride_wb": stride, "stride_wt": stride, "stride_wv": "constexpr",
         }
         per_seq = {"LABELS": "*i64", "KAPPA": "*fp32", "LOG_W": "*fp32"}
-        tail = {"T": "i32", "ignore_index": "i32", "inv_tau": "fp32", "KIND": "constexpr", "BLOCK": "constexpr"}
-        const = {"stride_sv": 1, "stride_wv": 1, "KIND": divergences.KINDS[kind], "BLOCK": block}
+        tail = {"T": "i32", "ignore_index": "i32", "inv_tau": "fp32", "KIND": "constexpr", "BLOCK": "constexpr",
+                "VEC": "constexpr"}
+        const = {"stride_sv": 1, "stride_wv": 1, "KIND": divergences.KINDS[kind], "BLOCK": block,
+                 "VEC": _vec(dtype, stride)}
         forward = {**rows, "V": "i32", **per_seq,
                    "VALUE": "*fp32", "ROW_SUM": "*fp32", "LSE_S": "*fp32", "LSE_T": "*fp32", **tail}
         backward = {**dict(list(rows.items())[:4]), "V_s": "i32", **dict(list(rows.items())[4:]), "V": "i32",
@@ -112,13 +124,13 @@ def _full_vocab_specs():
             "W": dtype, "stride_wb": stride, "stride_wt": stride, "stride_wv": "constexpr", "V_t": "i32",
         }
         per_seq = {"ALPHA": "*fp32", "SGO": "*i32", "KAPPA": "*fp32"}
-        const = {"stride_sv": 1, "stride_wv": 1, "BLOCK": block}
+        const = {"stride_sv": 1, "stride_wv": 1, "BLOCK": block, "VEC": _vec(dtype, stride)}
         forward = {**rows, "LABELS": "*i64", "T": "i32", "ignore_index": "i32", "inv_tau": "fp32", **per_seq,
                    "LOG_Q": "*fp32", "LOG_RATIO": "*fp32", "LSE": "*fp32", "LSE_T": "*fp32",
-                   "FV_VALUE": "*fp32", "FV_SUM": "*fp32", "BLOCK": "constexpr"}
+                   "FV_VALUE": "*fp32", "FV_SUM": "*fp32", "BLOCK": "constexpr", "VEC": "constexpr"}
         backward = {**rows, "LABELS": "*i64", "COEF": "*fp32", "LSE": "*fp32", "LSE_T": "*fp32", "FV_SUM": "*fp32",
                     **per_seq, "G_SEQ": "*fp32", "GRAD": dtype, "T": "i32", "ignore_index": "i32", "inv_tau": "fp32",
-                    "BLOCK": "constexpr"}
+                    "BLOCK": "constexpr", "VEC": "constexpr"}
         label = f"{dtype[1:]},BLOCK={block},strides={stride}"
         yield f"full_vocab_row_stats[{label}]", row_stats._full_vocab_row_stats_kernel, forward, const, \
             _triton_math.NUM_WARPS

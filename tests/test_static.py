@@ -3,7 +3,9 @@
 Every kernel is compiled for sm_90 and sm_80 exactly as the benchmark's launch (bf16, B=8, T=2048,
 V=151936) specialises it — the launchers run on ``meta`` tensors and their ``kernel[grid](...)`` call
 goes through Triton's own launch binder, so the divisibility-by-16 attributes are a real launch's —
-plus, at sm_90, a few kernels at V=151943 (V % 16 != 0). One compile subprocess per session.
+plus, at sm_90, every vocabulary kernel at V=151943 and four of them at V=151944 and 50257
+(V % 16 != 0). One compile subprocess per session. The predicted figures checked here are the
+model's (bench/static.py), never measurements.
 
 ``tests/test_aot.py`` checks registers/spills over the dtype × block grid with hand-built signatures;
 here the same resource reading (``bench.static.resource_usage``, shared with ``aot_compile.py``) is
@@ -17,48 +19,52 @@ import pytest
 from bench import static
 
 V_ALIGNED, V_UNALIGNED = 151936, 151943
+# More vocabularies that are not multiples of 16: 151944 (8-element aligned rows: only the size
+# is not divisible by 16) and GPT-2's 50257 (odd: every row at a different offset modulo 8).
+V_MORE_UNALIGNED = (151944, 50257)
 ALL = [la.name for la in static.launches()]
 VOCAB_KERNELS = [la.name for la in static.launches() if la.rows_per_program]
-# V % 16 != 0: the four kinds of vocabulary loop (an LSE pass, a gradient pass, a divergence sum pass,
-# a divergence gradient pass), at sm_90 only.
+# The four kinds of vocabulary loop (an LSE pass, a gradient pass, a divergence sum pass, a
+# divergence gradient pass), compiled at sm_90 at every unaligned vocabulary.
 UNALIGNED = ["row_stats", "gradient", "divergence_forward[fkl]", "divergence_backward[fkl]"]
-# Vocabulary passes per row, i.e. SASS loops (mutually exclusive SGO/TGO branches are separate loops).
+# Vocabulary passes per row, i.e. SASS loops (mutually exclusive SGO/TGO branches are separate loops);
+# the divergence forward's first pass streams both rows for both log-sum-exps.
 LOOPS = {"row_stats": 2, "coefficients": 2, "gradient": 1, "full_vocab_row_stats": 4, "full_vocab_gradient": 2,
-         **{f"divergence_forward[{k}]": 3 for k in static.DIVERGENCE_KINDS},
+         **{f"divergence_forward[{k}]": 2 for k in static.DIVERGENCE_KINDS},
          **{f"divergence_backward[{k}]": 1 for k in static.DIVERGENCE_KINDS}}
 
 # Thread-level SASS instructions per element of each loop (loops in address order), sm_90, V=151936,
-# bf16, as measured by `python -m bench static` with triton 3.9.0 (docs/static.md has the table).
+# bf16, as measured by `python -m bench static` with triton 3.9.0 after the kernel changes of issue 12
+# (exp2 with the scale folded in, the aligned main loop, one pass for both log-sum-exps, the fast log2
+# of the mixtures, vector accumulators): docs/static.md has the table and the before/after.
 # The ceiling is the measured value + HEADROOM: a change that adds ~5% to a loop body fails here; one
 # that lowers it passes (then lower the number here to lock the gain in).
 HEADROOM = 1.05
 MEASURED_SM90 = {
-    "row_stats": [14.19, 14.25],
+    "row_stats": [9.69, 9.69],
     "coefficients": [9.75, 230.25],              # per token, not per vocabulary element
-    "gradient": [18.25],
-    "full_vocab_row_stats": [14.19, 14.19, 76.56, 74.12],
-    "full_vocab_gradient": [79.88, 78.38],
-    "divergence_forward[fkl]": [14.12, 14.06, 22.81],
-    "divergence_backward[fkl]": [24.38],
-    "divergence_forward[rkl]": [14.12, 14.06, 20.56],
-    "divergence_backward[rkl]": [23.38],
-    "divergence_forward[skl]": [14.06, 14.06, 75.75],
-    "divergence_backward[skl]": [72.62],
-    "divergence_forward[srkl]": [14.06, 14.06, 74.94],
-    "divergence_backward[srkl]": [74.38],
-    "divergence_forward[jsd]": [14.06, 14.06, 70.94],
-    "divergence_backward[jsd]": [60.44],
-    "divergence_forward[tvd]": [14.12, 14.06, 31.31],
-    "divergence_backward[tvd]": [30.38],
+    "gradient": [14.06],
+    "full_vocab_row_stats": [9.69, 9.69, 41.69, 39.31],
+    "full_vocab_gradient": [44.75, 42.88],
+    "divergence_forward[fkl]": [18.94, 16.94],
+    "divergence_backward[fkl]": [17.12],
+    "divergence_forward[rkl]": [18.94, 15.94],
+    "divergence_backward[rkl]": [21.31],
+    "divergence_forward[skl]": [18.94, 39.31],
+    "divergence_backward[skl]": [37.12],
+    "divergence_forward[srkl]": [18.94, 41.44],
+    "divergence_backward[srkl]": [39.88],
+    "divergence_forward[jsd]": [18.94, 26.69],
+    "divergence_backward[jsd]": [27.06],
+    "divergence_forward[tvd]": [18.94, 21.12],
+    "divergence_backward[tvd]": [21.94],
 }
-# Known stack frames (bytes) of launch-faithful specialisations: jsd's forward at sm_80 saves four
-# registers to the stack (STL.64 ×2 before its third loop, LDL after it: no local access inside a loop).
-KNOWN_STACK = {("divergence_forward[jsd]", V_ALIGNED, 80): 16}
 
 
 @pytest.fixture(scope="session")
 def compiled():
-    triples = [(n, V_ALIGNED, cc) for n in ALL for cc in (90, 80)] + [(n, V_UNALIGNED, 90) for n in UNALIGNED]
+    triples = ([(n, V_ALIGNED, cc) for n in ALL for cc in (90, 80)] + [(n, V_UNALIGNED, 90) for n in VOCAB_KERNELS]
+               + [(n, V, 90) for n in UNALIGNED for V in V_MORE_UNALIGNED])
     records = static.compile_all(triples=triples)
     return {(r["kernel"], r["V"], r["sm"]): r for r in records}
 
@@ -74,28 +80,23 @@ def test_every_launch_compiles_with_its_launch_specialisation(compiled):
     assert {"S", "GRAD", "V_s", "stride_sb", "stride_st", "T"} <= set(aligned["divisible_by_16"])
     assert {"S", "GRAD", "stride_sb", "T"} <= set(unaligned["divisible_by_16"])
     assert not {"V_s", "stride_st"} & set(unaligned["divisible_by_16"])
-    assert aligned["constexprs"] == {"stride_sv": 1, "BLOCK": 4096}
+    # the aligned main loop's vector: 16 bytes of bf16, at every V (the launcher's row_vector)
+    assert aligned["constexprs"] == {"stride_sv": 1, "BLOCK": 4096, "VEC": 8}
+    assert unaligned["constexprs"] == {"stride_sv": 1, "BLOCK": 4096, "VEC": 8}
 
 
-def test_no_spills(compiled):
+def test_no_spills_and_no_stack(compiled):
     spilled = [k for k, r in compiled.items() if r["local"] != 0 or any(lp["local"] for lp in r["loops"])]
     assert not spilled, f"local memory (spills): {spilled}"
     stacks = {k: r["stack"] for k, r in compiled.items() if r["stack"]}
-    assert stacks == KNOWN_STACK, "stack frames changed; update KNOWN_STACK (and the xfail below) or fix"
+    assert not stacks, f"stack frames (registers saved around a loop): {stacks}"
     assert all(0 < r["reg"] <= 255 for r in compiled.values())
-
-
-@pytest.mark.xfail(strict=True, reason="divergence_forward[jsd] at sm_80 keeps a 16-byte stack frame (4 registers "
-                   "saved around its divergence loop); the desired state is no stack anywhere")
-def test_no_stack_anywhere(compiled):
-    assert all(r["stack"] == 0 for r in compiled.values())
 
 
 def test_loop_structure(compiled):
     for (name, V, cc), r in compiled.items():
-        if V == V_ALIGNED:
-            assert len(r["loops"]) == LOOPS[name], (name, cc, len(r["loops"]))
-            assert all(lp["nested_loops"] == 0 for lp in r["loops"]), (name, cc)
+        assert len(r["loops"]) == LOOPS[name], (name, V, cc, len(r["loops"]))
+        assert all(lp["nested_loops"] == 0 for lp in r["loops"]), (name, V, cc)
 
 
 @pytest.mark.parametrize("cc", [90, 80])
@@ -118,23 +119,66 @@ def test_instructions_per_element_ceiling(compiled, name):
     assert all(g <= c for g, c in zip(got, ceilings)), f"{name}: instr/elem {got} above ceilings {ceilings}"
 
 
-@pytest.mark.parametrize("name", UNALIGNED)
-def test_unaligned_vocabulary_uses_16_bit_accesses_today(compiled, name):
-    """What is true today at V % 16 != 0: rows start at odd element offsets (stride V) and the size is
-    not divisible by 16, so every access of every vocabulary loop is a 16-bit LDG/STG (16 per thread
-    per logits tensor per iteration instead of 2 × 128-bit) — and the loop bodies grow (by 28-43%)."""
-    aligned, unaligned = compiled[(name, V_ALIGNED, 90)], compiled[(name, V_UNALIGNED, 90)]
-    assert len(unaligned["loops"]) == len(aligned["loops"])
-    for lp, ref in zip(unaligned["loops"], aligned["loops"]):
-        assert {op for op in _accesses(lp)} <= {"LDG.E.U16", "STG.E.U16"}, (name, _accesses(lp))
-        assert lp["bytes_per_elem"] == ref["bytes_per_elem"]
-        assert lp["instr_per_elem"] > ref["instr_per_elem"]
+@pytest.mark.parametrize("V", [V_UNALIGNED, *V_MORE_UNALIGNED])
+def test_keeps_a_vectorised_main_loop_for_v_not_a_multiple_of_16(compiled, V):
+    """At V % 16 != 0 the rows start at any offset modulo 8 elements and the size is not divisible by
+    16: each vocabulary pass starts its loop at the row's first 16-byte boundary and peels the head
+    and the tail (< 16 columns) into one masked edge block outside the loop. So every access of
+    every loop is still 128-bit, with the same bytes and the same body as at V % 16 == 0 (+5% at
+    most), and the edge's narrow accesses stay outside the loops."""
+    names = [n for n in VOCAB_KERNELS if (n, V, 90) in compiled]
+    assert set(UNALIGNED) <= set(names)
+    for name in names:
+        loops, ref = compiled[(name, V, 90)]["loops"], compiled[(name, V_ALIGNED, 90)]["loops"]
+        assert len(loops) == len(ref), (name, V)
+        for i, (lp, rp) in enumerate(zip(loops, ref)):
+            narrow = [op for op in _accesses(lp) if not op.endswith(".128")]
+            assert _accesses(lp) and not narrow, (name, V, i, narrow)
+            assert lp["bytes_per_elem"] == rp["bytes_per_elem"], (name, V, i)
+            assert lp["instr_per_elem"] <= rp["instr_per_elem"] * HEADROOM, (name, V, i)
 
 
-@pytest.mark.xfail(strict=True, reason="V % 16 != 0 falls back to 16-bit accesses in every block; desired: an "
-                   "aligned 128-bit main loop with the unaligned head/tail peeled (or masked) separately")
-@pytest.mark.parametrize("name", UNALIGNED)
-def test_unaligned_vocabulary_main_loops_are_128_bit(compiled, name):
-    loops = compiled[(name, V_UNALIGNED, 90)]["loops"]
-    wide = [lp for lp in loops if _accesses(lp) and all(op.endswith(".128") for op in _accesses(lp))]
-    assert len(wide) >= LOOPS[name]
+def test_no_loop_is_issue_bound_because_v_is_not_a_multiple_of_16(compiled):
+    """What the model predicts for a loop at V % 16 != 0 is what it predicts at V % 16 == 0: the
+    unaligned vocabulary costs no issue slots (at V % 16 == 0, the heavy divergence sums of skl /
+    srkl / rao_blackwell stay issue-bound by their math: docs/static.md)."""
+    gpu = static.GPUS[90]
+    for name in VOCAB_KERNELS:
+        a, u = compiled[(name, V_ALIGNED, 90)], compiled[(name, V_UNALIGNED, 90)]
+        pa = static.predict(a, None, 0, gpu, V_ALIGNED, static.IPC_PESSIMISTIC)["loops"]
+        pu = static.predict(u, None, 0, gpu, V_UNALIGNED, static.IPC_PESSIMISTIC)["loops"]
+        assert [lp["bound"] for lp in pu] == [lp["bound"] for lp in pa], name
+
+
+# Design bytes per logit element (tests/test_traffic.py locks them under the interpreter).
+DESIGN_BYTES = {"row_stats": 4.0, "gradient": 4.0, "divergence_forward[jsd]": 8.0, "divergence_backward[jsd]": 6.0}
+
+
+def _pair_pct(compiled, fwd, bwd, V, ipc, roofline_bytes=None):
+    gpu = static.GPUS[90]
+    t = roof = 0.0
+    for name in (fwd, bwd):
+        p = static.predict(compiled[(name, V, 90)], DESIGN_BYTES[name], 0, gpu, V, ipc)
+        t += p["predicted_us"]
+        roof += p["roofline_us"]
+    if roofline_bytes is not None:
+        roof = roof * roofline_bytes / (DESIGN_BYTES[fwd] + DESIGN_BYTES[bwd])
+    return 100.0 * roof / t
+
+
+@pytest.mark.parametrize("V", [V_ALIGNED, V_UNALIGNED])
+def test_askd_forward_backward_is_at_least_80_percent_of_its_roofline(compiled, V):
+    """Issue target: askd fwd + bwd (stage a + stage c) ≥ 80% of its 8 B/element DRAM roofline on
+    H100, PREDICTED at the model's pessimistic end (IPC 0.5), at V % 16 == 0 and != 0."""
+    assert _pair_pct(compiled, "row_stats", "gradient", V, static.IPC_PESSIMISTIC) >= 80.0
+
+
+@pytest.mark.parametrize("V", [V_ALIGNED, V_UNALIGNED])
+def test_jsd_forward_backward_is_at_least_60_percent_of_its_roofline(compiled, V):
+    """Issue target: jsd fwd + bwd ≥ 60% of the DRAM roofline on H100, PREDICTED at IPC 0.5 — of the
+    14 B/element the exact kernels move (forward: both rows twice, backward: once plus the gradient)
+    and of the 10 B/element the issue counted (one read of both rows per pass: the forward's second
+    pass from DRAM is not in it)."""
+    assert _pair_pct(compiled, "divergence_forward[jsd]", "divergence_backward[jsd]", V, static.IPC_PESSIMISTIC) >= 60.0
+    assert _pair_pct(compiled, "divergence_forward[jsd]", "divergence_backward[jsd]", V, static.IPC_PESSIMISTIC,
+                     roofline_bytes=10.0) >= 60.0

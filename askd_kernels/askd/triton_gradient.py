@@ -21,7 +21,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_math import NUM_WARPS, divergence_row_gradient, load_pair, log_softmax_at, vocab_block
+from .._triton_math import (LOG2E, NUM_WARPS, divergence_row_gradient, edge_columns, load_pair, main_len, row_span,
+                            row_vector, vocab_block)
+
+
+@triton.jit
+def _softmax_gradient(xk, scale, c, is_label):
+    """scale·(softmax_v − 1[v = label]) with softmax_v = exp2(xk − c), xk = (z_v − m)·log2(e)/τ (z − m
+    exact, as in log_softmax_at) and c = s·log2(e): one exp2."""
+    return scale * (tl.exp2(xk - c) - tl.where(is_label, 1.0, 0.0))
 
 
 @triton.jit
@@ -30,26 +38,36 @@ def _gradient_kernel(
     LABELS, COEF, LSE, G_SEQ,                       # [B·T] int, [B·T] fp32, [B·T, 2] fp32; [B] fp32
     GRAD,                                           # output [B·T, V_s], contiguous, logits' dtype
     T, inv_tau,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, VEC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     b = row // T
     t = row % T
     scale = tl.load(COEF + row) * tl.load(G_SEQ + b) * inv_tau
-    label = tl.load(LABELS + row)
+    # int32 compare against the columns: clamped to [−1, V_s], no column matches a label outside the row
+    label = tl.minimum(tl.maximum(tl.load(LABELS + row), -1), V_s).to(tl.int32)
     n_read = tl.where(scale != 0.0, V_s, 0)  # columns to read: none when the factor is zero
     # Not even the row's log-sum-exp: a zero-factor row with NaN logits must still write exact zeros.
     m, s = load_pair(LSE, row, n_read > 0)
-    s_row = S + b * stride_sb + t * stride_st
-    g_row = GRAD + row * V_s
+    k = inv_tau * LOG2E
+    s2 = s * LOG2E
+    s_off = b * stride_sb + t * stride_st
+    g_off = row * V_s
+    start, h, L = row_span(s_off, V_s, VEC)
+    g_start = (g_off + (VEC - 1)) // VEC * VEC  # = g_off + h: congruent rows (row_vector)
+    L_read = main_len(h, n_read, VEC)
+    if VEC > 1:
+        ecols, eok = edge_columns(h, L, VEC)
+        xe = tl.load(S + s_off + ecols * stride_sv, mask=eok & (ecols < n_read), other=float("-inf"))
+        ge = _softmax_gradient((xe.to(tl.float32) - m) * k, scale, s2, ecols == label)
+        tl.store(GRAD + g_off + ecols, ge.to(GRAD.dtype.element_ty), mask=eok & (ecols < V_s))
     cols = tl.arange(0, BLOCK)
-    for i in range(0, tl.cdiv(V_s, BLOCK)):
+    label_main = label - h
+    for i in range(0, tl.cdiv(L, BLOCK)):
         offs = i * BLOCK + cols
-        in_row = offs < V_s
-        x = tl.load(s_row + offs * stride_sv, mask=offs < n_read, other=float("-inf"))
-        prob = tl.exp(log_softmax_at(x, m, s, inv_tau))
-        grad = scale * (prob - tl.where(offs == label, 1.0, 0.0))
-        tl.store(g_row + offs, grad.to(GRAD.dtype.element_ty), mask=in_row)
+        x = tl.load(S + start + offs * stride_sv, mask=offs < L_read, other=float("-inf"))
+        grad = _softmax_gradient((x.to(tl.float32) - m) * k, scale, s2, offs == label_main)
+        tl.store(GRAD + g_start + offs, grad.to(GRAD.dtype.element_ty), mask=offs < L)
 
 
 @triton.jit
@@ -60,7 +78,7 @@ def _full_vocab_gradient_kernel(
     ALPHA, SGO, KAPPA, G_SEQ,                       # [B] fp32, int32, fp32, fp32
     GRAD,                                           # output [B·T, V_s], contiguous, logits' dtype
     T, ignore_index, inv_tau,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, VEC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     b = row // T
@@ -79,16 +97,16 @@ def _full_vocab_gradient_kernel(
     alpha = tl.load(ALPHA + b)
     la = tl.log(alpha)
     lb = tl.log(1.0 - alpha)
-    s_row = S + b * stride_sb + t * stride_st
-    w_row = W + b * stride_wb + t * stride_wt
+    s_off = b * stride_sb + t * stride_st
+    w_off = b * stride_wb + t * stride_wt
     n_s = tl.where(live, V_s, 0)
     n_t = tl.where(scale != 0.0, tl.minimum(V_s, V_t), 0)
     if tl.load(SGO + b) != 0:
-        divergence_row_gradient(GRAD + row * V_s, s_row, stride_sv, V_s, n_s, w_row, stride_wv, n_t, inv_tau,
-                                m_s, s_s, m_t, s_t, la, lb, scale, row_sum, label, scale_label, 3, BLOCK)
+        divergence_row_gradient(GRAD, row * V_s, S, s_off, stride_sv, V_s, n_s, W, w_off, stride_wv, n_t, inv_tau,
+                                m_s, s_s, m_t, s_t, la, lb, scale, row_sum, label, scale_label, 3, True, BLOCK, VEC)
     else:
-        divergence_row_gradient(GRAD + row * V_s, s_row, stride_sv, V_s, n_s, w_row, stride_wv, n_t, inv_tau,
-                                m_s, s_s, m_t, s_t, la, lb, scale, row_sum, label, scale_label, 2, BLOCK)
+        divergence_row_gradient(GRAD, row * V_s, S, s_off, stride_sv, V_s, n_s, W, w_off, stride_wv, n_t, inv_tau,
+                                m_s, s_s, m_t, s_t, la, lb, scale, row_sum, label, scale_label, 2, True, BLOCK, VEC)
 
 
 def student_gradient(student_logits, labels, coef, lse, grad_seq, *, temperature):
@@ -99,7 +117,7 @@ def student_gradient(student_logits, labels, coef, lse, grad_seq, *, temperature
         student_logits, *student_logits.stride(), V_s,
         labels, coef, lse, grad_seq, grad,
         T, 1.0 / temperature,
-        BLOCK=vocab_block(V_s), num_warps=NUM_WARPS,
+        BLOCK=vocab_block(V_s), VEC=row_vector(student_logits, grad), num_warps=NUM_WARPS,
     )
     return grad
 
@@ -118,5 +136,6 @@ def full_vocab_gradient(student_logits, labels, teacher_logits, coef, lse, lse_t
         labels, coef, lse, lse_t, fv_sum, alpha, sgo, kappa, grad_seq, grad,
         T, ignore_index, 1.0 / temperature,
         BLOCK=vocab_block(V_s), num_warps=NUM_WARPS,
+        VEC=row_vector(student_logits, teacher_logits, grad, same_extent=teacher_logits.shape[2] >= V_s),
     )
     return grad

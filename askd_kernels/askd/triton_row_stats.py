@@ -23,17 +23,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_math import NUM_WARPS, divergence_row_sums, log_softmax_at, row_logsumexp, store_pair, vocab_block
+from .._triton_math import (NUM_WARPS, divergence_row_sums, log_softmax_at, row_logsumexp, row_vector, store_pair,
+                            vocab_block)
 
 
 @triton.jit
-def _label_log_prob(row_ptr, stride_v, n_cols, label, valid, inv_tau, outside, BLOCK: tl.constexpr):
-    """``(m, s, log softmax(row/τ)[label])`` of one row; the row is not visited when not ``valid``.
-    A label outside [0, n_cols) reads ``outside`` instead of the logit (NaN for the student, whose
-    labels must lie in its vocabulary: a caller bug we cannot raise on without a host sync; −inf for
-    the teacher, which cannot emit a label ≥ V_t: p = 0 exactly)."""
-    m, s = row_logsumexp(row_ptr, stride_v, n_cols, tl.where(valid, tl.cdiv(n_cols, BLOCK), 0), inv_tau, BLOCK)
-    x_y = tl.load(row_ptr + label * stride_v, mask=valid & (label >= 0) & (label < n_cols), other=outside)
+def _label_log_prob(X, row_off, stride_v, n_cols, label, valid, inv_tau, outside, BLOCK: tl.constexpr,
+                    VEC: tl.constexpr):
+    """``(m, s, log softmax(row/τ)[label])`` of the row at element offset ``row_off`` of ``X``; the row
+    is not visited when not ``valid``. A label outside [0, n_cols) reads ``outside`` instead of the
+    logit (NaN for the student, whose labels must lie in its vocabulary: a caller bug we cannot raise
+    on without a host sync; −inf for the teacher, which cannot emit a label ≥ V_t: p = 0 exactly)."""
+    m, s = row_logsumexp(X, row_off, stride_v, tl.where(valid, n_cols, 0), inv_tau, BLOCK, VEC)
+    x_y = tl.load(X + row_off + label * stride_v, mask=valid & (label >= 0) & (label < n_cols), other=outside)
     return m, s, log_softmax_at(x_y, m, s, inv_tau)
 
 
@@ -51,18 +53,18 @@ def _row_stats_kernel(
     LOGP_T,                                         # teacher log p(y) [B·T]   (if not TEACHER_LOGITS)
     LABELS, T, ignore_index, inv_tau,               # labels [B·T] contiguous
     LOG_Q, LOG_RATIO, LSE,                          # outputs [B·T], [B·T], [B·T, 2] fp32
-    TEACHER_LOGITS: tl.constexpr, BLOCK: tl.constexpr,
+    TEACHER_LOGITS: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr, VEC_T: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     b = row // T
     t = row % T
     label = tl.load(LABELS + row)
     valid = label != ignore_index
-    m_s, s_s, log_q = _label_log_prob(S + b * stride_sb + t * stride_st, stride_sv, V_s, label, valid, inv_tau,
-                                      float("nan"), BLOCK)
+    m_s, s_s, log_q = _label_log_prob(S, b * stride_sb + t * stride_st, stride_sv, V_s, label, valid, inv_tau,
+                                      float("nan"), BLOCK, VEC)
     if TEACHER_LOGITS:
-        _m, _s, log_p = _label_log_prob(W + b * stride_wb + t * stride_wt, stride_wv, V_t, label, valid, inv_tau,
-                                        float("-inf"), BLOCK)
+        _m, _s, log_p = _label_log_prob(W, b * stride_wb + t * stride_wt, stride_wv, V_t, label, valid, inv_tau,
+                                        float("-inf"), BLOCK, VEC_T)
     else:
         log_p = tl.load(LOGP_T + row, mask=valid, other=0.0).to(tl.float32)
     _store_label_stats(LOG_Q, LOG_RATIO, LSE, row, valid, log_q, log_p, m_s, s_s)
@@ -76,17 +78,19 @@ def _full_vocab_row_stats_kernel(
     ALPHA, SGO, KAPPA,                              # [B] fp32, int32, fp32
     LOG_Q, LOG_RATIO, LSE, LSE_T,                   # outputs [B·T], [B·T], [B·T, 2], [B·T, 2] fp32
     FV_VALUE, FV_SUM,                               # outputs [B·T] fp32
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, VEC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     b = row // T
     t = row % T
     label = tl.load(LABELS + row)
     valid = label != ignore_index
-    s_row = S + b * stride_sb + t * stride_st
-    w_row = W + b * stride_wb + t * stride_wt
-    m_s, s_s, log_q = _label_log_prob(s_row, stride_sv, V_s, label, valid, inv_tau, float("nan"), BLOCK)
-    m_t, s_t, log_p = _label_log_prob(w_row, stride_wv, V_t, label, valid, inv_tau, float("-inf"), BLOCK)
+    s_off = b * stride_sb + t * stride_st
+    w_off = b * stride_wb + t * stride_wt
+    # VEC > 1 only when the two rows are congruent and V_t ≥ V_s (row_vector): the teacher's own pass
+    # then aligns too, as its rows start at the student's offsets modulo VEC.
+    m_s, s_s, log_q = _label_log_prob(S, s_off, stride_sv, V_s, label, valid, inv_tau, float("nan"), BLOCK, VEC)
+    m_t, s_t, log_p = _label_log_prob(W, w_off, stride_wv, V_t, label, valid, inv_tau, float("-inf"), BLOCK, VEC)
     _store_label_stats(LOG_Q, LOG_RATIO, LSE, row, valid, log_q, log_p, m_s, s_s)
     store_pair(LSE_T, row, valid, m_t, s_t)
 
@@ -97,14 +101,14 @@ def _full_vocab_row_stats_kernel(
     la = tl.log(alpha)
     lb = tl.log(1.0 - alpha)
     active = valid & (tl.load(KAPPA + b) != 0.0)  # a clipped sequence has no value and no gradient
-    n_blocks = tl.where(active, tl.cdiv(V_s, BLOCK), 0)
-    n_t = tl.minimum(V_s, V_t)  # the last block may reach past V_s: no teacher column there counts
+    n_s = tl.where(active, V_s, 0)
+    n_t = tl.where(active, tl.minimum(V_s, V_t), 0)  # no teacher column past V_s counts
     if tl.load(SGO + b) != 0:
-        value, row_sum = divergence_row_sums(s_row, stride_sv, V_s, w_row, stride_wv, n_t, n_blocks, inv_tau,
-                                             m_s, s_s, m_t, s_t, la, lb, 3, BLOCK)
+        value, row_sum = divergence_row_sums(S, s_off, stride_sv, n_s, W, w_off, stride_wv, n_t, inv_tau,
+                                             m_s, s_s, m_t, s_t, la, lb, 3, BLOCK, VEC)
     else:
-        value, row_sum = divergence_row_sums(s_row, stride_sv, V_s, w_row, stride_wv, n_t, n_blocks, inv_tau,
-                                             m_s, s_s, m_t, s_t, la, lb, 2, BLOCK)
+        value, row_sum = divergence_row_sums(S, s_off, stride_sv, n_s, W, w_off, stride_wv, n_t, inv_tau,
+                                             m_s, s_s, m_t, s_t, la, lb, 2, BLOCK, VEC)
     tl.store(FV_VALUE + row, value)  # 0 for inactive rows: their loop is empty
     tl.store(FV_SUM + row, row_sum)
 
@@ -135,7 +139,8 @@ def row_stats(student_logits, labels, teacher_logits, teacher_logprobs, *, tempe
         W, *w_strides, V_t,
         logp_t, labels, T, ignore_index, 1.0 / temperature,
         log_q, log_ratio, lse,
-        TEACHER_LOGITS=has_teacher, BLOCK=block, num_warps=NUM_WARPS,
+        TEACHER_LOGITS=has_teacher, BLOCK=block, VEC=row_vector(student_logits),
+        VEC_T=row_vector(teacher_logits) if has_teacher else 1, num_warps=NUM_WARPS,
     )
     return log_q, log_ratio, lse
 
@@ -158,6 +163,7 @@ def full_vocab_row_stats(student_logits, labels, teacher_logits, alpha, sgo, kap
         teacher_logits, *teacher_logits.stride(), V_t,
         labels, T, ignore_index, 1.0 / temperature, alpha, sgo, kappa,
         log_q, log_ratio, lse, lse_t, fv_value, fv_sum,
-        BLOCK=vocab_block(max(V_s, V_t)), num_warps=NUM_WARPS,
+        BLOCK=vocab_block(max(V_s, V_t)), VEC=row_vector(student_logits, teacher_logits, same_extent=V_t >= V_s),
+        num_warps=NUM_WARPS,
     )
     return log_q, log_ratio, lse, lse_t, fv_value, fv_sum

@@ -9,7 +9,7 @@ softmax Jacobian gives
 
 so the work is two streaming passes per token in the forward kernel and one in the backward kernel:
 
-* forward  — pass 1: ``row_logsumexp`` of both rows over [0, V);
+* forward  — pass 1: ``row_pair_logsumexp``: both rows' log-sum-exps over [0, V) in one loop;
              pass 2: Σ_v f-terms (the value) and S, both fp32, stored per token with the two LSEs;
 * backward — recomputes x, y and a_v block by block and writes g·(a_v − q_v·S)/τ in the logits'
              dtype; student columns in [V, V_s) get 0. A row whose factor is zero (ignored, clipped,
@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_math import (NUM_WARPS, divergence_row_gradient, divergence_row_sums, load_pair, row_logsumexp,
-                            store_pair, vocab_block)
+from .._triton_math import (NUM_WARPS, divergence_row_gradient, divergence_row_sums, load_pair, row_pair_logsumexp,
+                            row_vector, store_pair, vocab_block)
 
 KINDS = {"fkl": 0, "rkl": 1, "skl": 2, "srkl": 3, "jsd": 4, "tvd": 5}
 
@@ -48,21 +48,20 @@ def _divergence_forward_kernel(
     LABELS, KAPPA, LOG_W,                           # [B·T] int; [B] fp32 (0 = clipped); [B, 2] fp32
     VALUE, ROW_SUM, LSE_S, LSE_T,                   # outputs [B·T], [B·T], [B·T, 2], [B·T, 2] fp32
     T, ignore_index, inv_tau,
-    KIND: tl.constexpr, BLOCK: tl.constexpr,
+    KIND: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr,
 ):
     row, b, t, active, la, lb = _row_setup(LABELS, KAPPA, LOG_W, T, ignore_index)
-    n_blocks = tl.where(active, tl.cdiv(V, BLOCK), 0)  # inactive rows visit no vocabulary block
-    s_row = S + b * stride_sb + t * stride_st
-    w_row = W + b * stride_wb + t * stride_wt
-    m_s, s_s = row_logsumexp(s_row, stride_sv, V, n_blocks, inv_tau, BLOCK)
-    m_t, s_t = row_logsumexp(w_row, stride_wv, V, n_blocks, inv_tau, BLOCK)
+    n = tl.where(active, V, 0)  # inactive rows visit no vocabulary column
+    s_off = b * stride_sb + t * stride_st
+    w_off = b * stride_wb + t * stride_wt
+    m_s, s_s, m_t, s_t = row_pair_logsumexp(S, s_off, stride_sv, W, w_off, stride_wv, n, inv_tau, BLOCK, VEC)
     # Inactive rows store 0, not −inf: the backward never reads them, but keep the outputs finite.
     # (Stored before pass 2 so that nothing but the two pairs stays live across its loop.)
     store_pair(LSE_S, row, active, m_s, s_s)
     store_pair(LSE_T, row, active, m_t, s_t)
 
-    value, row_sum = divergence_row_sums(s_row, stride_sv, V, w_row, stride_wv, V, n_blocks, inv_tau,
-                                         m_s, s_s, m_t, s_t, la, lb, KIND, BLOCK)
+    value, row_sum = divergence_row_sums(S, s_off, stride_sv, n, W, w_off, stride_wv, n, inv_tau,
+                                         m_s, s_s, m_t, s_t, la, lb, KIND, BLOCK, VEC)
     if KIND == 5:  # ½ Σ|p − q| ≤ 1: the fp32 sum of a disjoint pair may round 1 ulp above
         value = tl.minimum(value, 1.0, propagate_nan=tl.PropagateNan.ALL)
     tl.store(VALUE + row, value)  # 0 for inactive rows: their loop is empty
@@ -77,7 +76,7 @@ def _divergence_backward_kernel(
     LSE_S, LSE_T, ROW_SUM, G,                       # fp32: forward outputs, upstream gradient [B·T]
     GRAD,                                           # output [B·T, V_s], contiguous, logits' dtype
     T, ignore_index, inv_tau,
-    KIND: tl.constexpr, BLOCK: tl.constexpr,
+    KIND: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr,
 ):
     row, b, t, active, la, lb = _row_setup(LABELS, KAPPA, LOG_W, T, ignore_index)
     scale = tl.where(active, tl.load(G + row), 0.0) * inv_tau
@@ -89,11 +88,10 @@ def _divergence_backward_kernel(
     m_s, s_s = load_pair(LSE_S, row, live)
     m_t, s_t = load_pair(LSE_T, row, live)
     row_sum = tl.where(live, row_sum, 0.0)
-    s_row = S + b * stride_sb + t * stride_st
-    w_row = W + b * stride_wb + t * stride_wt
     # Columns ≥ V: q = a = 0, gradient 0.
-    divergence_row_gradient(GRAD + row * V_s, s_row, stride_sv, V_s, n_read, w_row, stride_wv, n_read, inv_tau,
-                            m_s, s_s, m_t, s_t, la, lb, scale, row_sum, -1, 0.0, KIND, BLOCK)
+    divergence_row_gradient(GRAD, row * V_s, S, b * stride_sb + t * stride_st, stride_sv, V_s, n_read,
+                            W, b * stride_wb + t * stride_wt, stride_wv, n_read, inv_tau,
+                            m_s, s_s, m_t, s_t, la, lb, scale, row_sum, -1, 0.0, KIND, False, BLOCK, VEC)
 
 
 def forward(student_logits, teacher_logits, labels, kappa, log_w, *, kind, temperature, ignore_index):
@@ -112,7 +110,7 @@ def forward(student_logits, teacher_logits, labels, kappa, log_w, *, kind, tempe
         student_logits, *student_logits.stride(), teacher_logits, *teacher_logits.stride(), V,
         labels, kappa, log_w, value, row_sum, lse_s, lse_t,
         T, ignore_index, 1.0 / temperature,
-        KIND=KINDS[kind], BLOCK=vocab_block(V), num_warps=NUM_WARPS,
+        KIND=KINDS[kind], BLOCK=vocab_block(V), VEC=row_vector(student_logits, teacher_logits), num_warps=NUM_WARPS,
     )
     return value, row_sum, lse_s, lse_t
 
@@ -132,5 +130,6 @@ def backward(student_logits, teacher_logits, labels, kappa, log_w, lse_s, lse_t,
         labels, kappa, log_w, lse_s, lse_t, row_sum, grad_value, grad,
         T, ignore_index, 1.0 / temperature,
         KIND=KINDS[kind], BLOCK=vocab_block(V_s), num_warps=NUM_WARPS,
+        VEC=row_vector(student_logits, teacher_logits, grad, same_extent=V == V_s),
     )
     return grad
