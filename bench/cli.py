@@ -73,8 +73,62 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _process_main(argv: list[str]) -> int:
+    """``python -m bench process``: whole-process CPU measurements (see ``grid.run_process_grid``)."""
+    import json
+
+    parser = argparse.ArgumentParser(
+        prog="python -m bench process",
+        description="Whole-process CPU benchmark: every cell x provider in a fresh interpreter (imports, inputs, "
+                    "first step, steady steps), interleaved rounds, medians and ratios to eager of the same run; "
+                    "peak memory is the process's peak resident set (VmHWM).")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--ops", default="askd", help="comma list of op ids or aliases (default askd)")
+    parser.add_argument("--providers", default="ours,eager", help="comma list (default ours,eager)")
+    parser.add_argument("--tokens", help="comma list of token counts (default: the grid's shapes)")
+    parser.add_argument("--vocab", help="comma list of vocabularies, paired with --tokens one to one")
+    parser.add_argument("--dtype", default="bf16,fp32")
+    parser.add_argument("--threads", default="2,1")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--hidden", type=int, help="hidden size for askd_loss_from_hidden (default 1024)")
+    parser.add_argument("--reps", type=int, default=3, help="rounds (default 3)")
+    parser.add_argument("--steps", type=int, default=3, help="forward+backward steps per process (default 3)")
+    parser.add_argument("--out", help="append the records to this CSV (and write process.md next to it)")
+    parser.add_argument("--report", metavar="CSV", help="only write process.md next to this CSV from its records")
+    args = parser.parse_args(argv)
+    if args.report:
+        report = Path(args.report).with_name("process.md")
+        report.write_text(grid_mod.process_report(grid_mod.read_process_records(args.report)) + "\n")
+        print(f"wrote {report}")
+        return 0
+    if args.child:
+        from .measure import process_child
+        print(json.dumps(process_child(json.loads(args.child))))
+        return 0
+    shapes = grid_mod.PROCESS_SHAPES
+    if args.tokens:
+        tokens = _ints(args.tokens, "tokens")
+        vocabs = _ints(args.vocab, "vocab") or [32000] * len(tokens)
+        if len(vocabs) != len(tokens):
+            parser.error("--vocab: one vocabulary per --tokens entry")
+        shapes = tuple(zip(tokens, vocabs))
+    cells = grid_mod.process_cells(_words(args.ops), shapes, tuple(_words(args.dtype)),
+                                   tuple(_ints(args.threads, "threads")), args.batch, args.hidden)
+    records = grid_mod.run_process_grid(cells, tuple(_words(args.providers)), reps=args.reps, steps=args.steps,
+                                        out=args.out)
+    print()
+    print(grid_mod.process_markdown(records))
+    if args.out:
+        report = Path(args.out).with_name("process.md")
+        report.write_text(grid_mod.process_report(grid_mod.read_process_records(args.out)) + "\n")
+        print(f"appended to {args.out}; wrote {report}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["process"]:
+        return _process_main(argv[1:])
     if argv[:1] == ["static"]:
         # ``python -m bench static``: the static (compiled, no GPU) performance report, bench/static.py.
         from . import static

@@ -7,6 +7,9 @@ and, for a headline entry, the targets its numbers are held to. ``GRIDS``:
 * ``askd-core`` — the headline case: forward+backward of ``askd_loss`` over 16384 tokens (B=8,
   T=2048) at Qwen2-1.5B's vocabulary in bf16 against eager and torch.compile, with its targets; on a
   machine without CUDA it runs ``askd-core-cpu``, the same case scaled down;
+* ``cpu-large`` — the CPU-realistic sizes (4096 and 16384 tokens × 32000, 1024 × 151936; bf16 and
+  fp32) in-process; ``python -m bench process`` runs the same sizes as whole processes
+  (:func:`run_process_grid`), which is how the committed CPU comparisons are measured;
 * ``tiny`` — toy shapes for the tests.
 
 ``plan_grid`` turns a grid and the command line's overrides into a ``Plan`` (the cells); ``run_grid``
@@ -105,6 +108,14 @@ GRIDS = {
         shapes=(("qwen2", 4), ("qwen2", 16), ("llama3", 16), ("gemma2", 16), ("qwen2", 64)),
         op_shapes={"askd_loss": (("qwen2", 16), ("qwen2", 64), ("llama3", 64), ("gemma2", 64), ("qwen2", 256))},
         hidden=256, rep_ms=20.0, budget_s=150.0, threads=1),
+    # The CPU-realistic sizes in-process (the same as `python -m bench process`, which times whole
+    # processes): 4096 and 16384 tokens at V = 32000 and 1024 tokens at Qwen2's vocabulary, bf16 and
+    # fp32, against eager and torch.compile; torch's threads (set --threads 1 or 2). 16384 × 32000
+    # fp32 logits are 2 GB each: eager needs ~12 GB there.
+    "cpu-large": Grid(
+        "cpu-large", "CPU-realistic sizes: 4096/16384 tokens x V=32000 and 1024 x 151936; bf16, fp32",
+        providers=("ours", "eager", "compile"), dtypes=("bf16", "fp32"), batch=8,
+        shapes=(("V32000", 4096), ("qwen2", 1024), ("V32000", 16384)), hidden=1024, rep_ms=2000.0),
     # The headline case (estimator exact, mixed TGO/SGO batch, reduction mean), needs a GPU.
     "askd-core": Grid(
         "askd-core", "the headline case: askd_loss, B=8 T=2048 (N=16384) at Qwen2-1.5B's vocabulary, bf16",
@@ -514,3 +525,157 @@ def target_lines(records: list[dict], targets: tuple[Target, ...]) -> list[str]:
             lines.append(f"{where}: {t.label} {value:.2f}{t.unit} (target {'>=' if t.at_least else '<='} "
                          f"{t.bound:g}{t.unit}) {'ok' if ok else 'MISS'}")
     return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# whole processes on CPU: `python -m bench process`
+
+# The CPU-realistic sizes of the process grid: (tokens, vocabulary). 4096 = B 8 × T 512.
+PROCESS_SHAPES = ((4096, 32000), (16384, 32000), (1024, 151936))
+PROCESS_FIELDS = ("run_id", "op", "provider", "batch", "tokens", "vocab", "hidden", "dtype", "threads", "rep",
+                  "steps", "status", "error", "process_s", "first_step_s", "steady_step_s", "peak_rss_kib",
+                  "rss_inputs_kib", "loss", "device_name", "torch", "python", "git_commit", "date")
+
+
+def process_cells(ops, shapes=PROCESS_SHAPES, dtypes=("bf16", "fp32"), threads=(2, 1), batch=8, hidden=None):
+    """The cells (one dict each: op, tokens, vocab, dtype, threads, batch) of a process run."""
+    cells = []
+    for n_threads in threads:
+        for dtype in dtypes:
+            for tokens, vocab in shapes:
+                for op in resolve_ops(ops):
+                    cell = dict(op=op.id, batch=batch, tokens=tokens, vocab=vocab, dtype=dtype, threads=n_threads)
+                    if op.family == "hidden":
+                        cell["hidden"] = hidden or 1024
+                    cells.append(cell)
+    return cells
+
+
+def run_process_grid(cells, providers=("ours", "eager"), *, reps=3, steps=3, out=None, log=print) -> list[dict]:
+    """Every cell × provider as whole processes (``measure.run_process``), ``reps`` rounds,
+    interleaved: each round runs every provider of a cell back to back, in an order rotated from
+    round to round, so that the load of a shared machine falls on all of them alike. Records are
+    appended to ``out`` (CSV) as they come; returns them all."""
+    import csv
+    import os as _os
+
+    from .measure import run_process
+
+    env = results_io.environment(torch.device("cpu"))
+    run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    records = []
+    for cell in cells:
+        for rep in range(reps):
+            order = list(providers[rep % len(providers):]) + list(providers[:rep % len(providers)])
+            for provider in order:
+                rec = run_process({**cell, "provider": provider, "steps": steps})
+                rec.update(run_id=run_id, rep=rep, device_name=env["device_name"], python=env["python"],
+                           git_commit=env["git_commit"], date=env["date"])
+                rec.setdefault("torch", env["torch"])
+                records.append(rec)
+                if log:
+                    peak = rec.get("peak_rss_kib")
+                    log(f"{cell['op']} N={cell['tokens']} V={cell['vocab']} {cell['dtype']} t={cell['threads']} "
+                        f"{provider:7s} rep {rep}: {rec['status']} process {rec.get('process_s') or 0:.2f} s, "
+                        f"steady step {rec.get('steady_step_s') or 0:.3f} s, peak "
+                        f"{(peak or 0) / 1024:.0f} MiB")
+                if out:
+                    new = not _os.path.exists(out)
+                    with open(out, "a", newline="") as f:
+                        writer = csv.DictWriter(f, PROCESS_FIELDS, extrasaction="ignore")
+                        if new:
+                            writer.writeheader()
+                        writer.writerow(rec)
+    return records
+
+
+def _median(values):
+    xs = sorted(v for v in values if v is not None)
+    if not xs:
+        return None
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else 0.5 * (xs[mid - 1] + xs[mid])
+
+
+def process_summary(records) -> list[dict]:
+    """Per cell and provider: medians over the rounds of the whole-process time, the steady step and
+    the peak resident memory, and their ratios to eager's (and the steady step's to compile's) of
+    the same run — one row each."""
+    def num(rec, key):
+        value = rec.get(key)
+        return None if value in (None, "") else float(value)
+
+    groups: dict = {}
+    for r in records:
+        if r.get("status") != "ok":
+            continue
+        key = (r["run_id"], r["op"], int(r["tokens"]), int(r["vocab"]), r["dtype"], int(r["threads"]))
+        groups.setdefault(key, {}).setdefault(r["provider"], []).append(r)
+    rows = []
+    for key, by_provider in groups.items():
+        med = {p: {k: _median([num(r, k) for r in rs]) for k in ("process_s", "steady_step_s", "first_step_s",
+                                                                  "peak_rss_kib", "rss_inputs_kib")}
+               for p, rs in by_provider.items()}
+        for provider, m in med.items():
+            row = dict(zip(("run_id", "op", "tokens", "vocab", "dtype", "threads"), key), provider=provider,
+                       runs=len(by_provider[provider]), **m)
+            for base in ("eager", "compile"):
+                b = med.get(base)
+                if b is None:
+                    continue
+                for k, name in (("process_s", "process"), ("steady_step_s", "step"), ("peak_rss_kib", "peak")):
+                    if m[k] and b[k]:
+                        row[f"{name}_vs_{base}"] = m[k] / b[k]
+            rows.append(row)
+    return rows
+
+
+def process_markdown(records) -> str:
+    """The process run as a markdown table (medians; ratios < 1 favour the provider)."""
+    rows = process_summary(records)
+    lines = ["| op | N × V | dtype | threads | provider | runs | process s | steady step s | peak MiB | "
+             "process / eager | step / eager | peak / eager | step / compile |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def f(x, spec=".2f"):
+        return "" if x is None else format(x, spec)
+
+    for r in rows:
+        lines.append(f"| {r['op']} | {r['tokens']} × {r['vocab']} | {r['dtype']} | {r['threads']} | {r['provider']} | "
+                     f"{r['runs']} | {f(r['process_s'])} | {f(r['steady_step_s'], '.3f')} | "
+                     f"{f(r['peak_rss_kib'] and r['peak_rss_kib'] / 1024, '.0f')} | {f(r.get('process_vs_eager'))} | "
+                     f"{f(r.get('step_vs_eager'))} | {f(r.get('peak_vs_eager'))} | {f(r.get('step_vs_compile'))} |")
+    return "\n".join(lines)
+
+
+def read_process_records(path) -> list[dict]:
+    """The records of a process CSV (every run in it)."""
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def process_report(records) -> str:
+    """``process.md``: every run of a process CSV — its environment (device, versions, threads,
+    commit, date) and its table of medians and ratios (:func:`process_markdown`)."""
+    runs: dict = {}
+    for r in records:
+        runs.setdefault(r["run_id"], []).append(r)
+    out = ["# Whole-process CPU benchmark (`python -m bench process`)", "",
+           "Each cell × provider ran in a fresh process; rounds interleaved (providers back to back, order "
+           "rotated); medians over the rounds; ratios are to eager's (and compile's) medians of the same run "
+           "(< 1 favours the provider). *process s*: the whole process by wall clock (interpreter start, "
+           "imports, inputs, every step, exit); *steady step s*: the median forward+backward after the first "
+           "(compilation included in the first); *peak MiB*: the process's peak resident memory (VmHWM), "
+           "torch and the inputs included. Generated from `process.csv`; regenerate with "
+           "`python -m bench process --report bench/results/cpu/<device>/process.csv`.", ""]
+    for run_id, rs in runs.items():
+        r0 = rs[0]
+        threads = sorted({r["threads"] for r in rs})
+        out += [f"## Run `{run_id}`", "",
+                f"{r0.get('device_name')}, torch {r0.get('torch')}, Python {r0.get('python')}, torch threads "
+                f"{', '.join(threads)}, commit `{r0.get('git_commit')}`, {r0.get('date')}; "
+                f"{len(rs)} processes ({sum(r['status'] != 'ok' for r in rs)} not ok).", "",
+                process_markdown(rs), ""]
+    return "\n".join(out)

@@ -283,3 +283,75 @@ def peak_memory_modes(forward: Callable[[], torch.Tensor], device: torch.device)
     full = None if fwd_peak is None or bwd_peak is None else max(fwd_peak, fwd_held + bwd_peak)
     return {"forward": fwd_peak, "backward": bwd_peak, "full": full}
 
+
+
+# ----------------------------------------------------------------------------------------------
+# whole processes (CPU): one fresh interpreter per measurement
+
+
+def _status_kib(field: str) -> int | None:
+    """A ``/proc/self/status`` field in KiB (``VmRSS``, ``VmHWM``); None where there is no procfs."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def process_child(spec: dict) -> dict:
+    """The measurement inside one fresh process (``python -m bench process --child``): set the
+    threads, build the op's inputs, then ``spec["steps"]`` forward+backward steps. Returns the first
+    step's time (compilation and first-touch included), the median of the later steps (the steady
+    state), the loss, the resident memory after the inputs were built and the process's peak
+    resident memory (``VmHWM``: everything the process ever held, torch itself and the inputs
+    included)."""
+    from .ops import DTYPES, OPS, Shape
+
+    torch.set_num_threads(spec["threads"])
+    op = OPS[spec["op"]]
+    dev = torch.device("cpu")
+    shape = Shape(spec.get("model", "custom"), spec["batch"], spec["tokens"] // spec["batch"], spec["vocab"],
+                  spec.get("hidden", 1024))
+    case = op.make_case(shape, DTYPES[spec["dtype"]], dev, seed=spec.get("seed", 0),
+                        ignore_frac=spec.get("ignore_frac", 0.0))
+    loss_fn = op.loss_fn(spec["provider"], dev)
+    rss_inputs = _status_kib("VmRSS")
+    times, loss = [], None
+    for _ in range(spec["steps"]):
+        for leaf in case.leaves:
+            leaf.grad = None
+        start = time.perf_counter()
+        out = loss_fn(case)
+        out.backward()
+        times.append(time.perf_counter() - start)
+        loss = float(out.detach().float())
+        del out
+    later = sorted(times[1:]) or times
+    return {"first_step_s": times[0], "steady_step_s": later[len(later) // 2], "steps": len(times),
+            "loss": loss, "rss_inputs_kib": rss_inputs, "peak_rss_kib": _status_kib("VmHWM"),
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def run_process(spec: dict, timeout_s: float = 1800.0) -> dict:
+    """Run :func:`process_child` in a fresh ``python -m bench process --child`` and time the whole
+    process (interpreter start, imports, inputs, every step, exit) by wall clock from here. A
+    failure (non-zero exit, out of memory, timeout) is a record with ``status`` and ``error``."""
+    import json
+    import subprocess
+
+    cmd = [sys.executable, "-m", "bench", "process", "--child", json.dumps(spec)]
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    except subprocess.TimeoutExpired:
+        return {**spec, "status": "timeout", "error": f"over {timeout_s:.0f} s", "process_s": None}
+    wall = time.perf_counter() - start
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        oom = done.returncode in (-9, 137) or "can't allocate memory" in done.stderr
+        return {**spec, "status": "OOM" if oom else "failed", "error": done.stderr.strip()[-300:], "process_s": wall}
+    return {**spec, "status": "ok", "error": None, "process_s": wall, **json.loads(lines[-1])}

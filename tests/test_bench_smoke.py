@@ -285,3 +285,45 @@ def test_gross_disagreement_with_eager_is_a_mismatch():
     assert "loss differs" in group[1]["error"]
     assert group[2]["speedup_vs_eager"] == 4.0 and group[2]["speedup_vs_liger"] == 2.0
     assert group[2]["gbps"] == 100 / 0.5e-3 / 1e9 and group[2]["pct_of_copy"] == 100.0 * group[2]["gbps"]
+
+
+# ---- whole processes: python -m bench process ------------------------------------------------------
+
+def test_process_benchmark_end_to_end(tmp_path, capsys):
+    """Two toy cells as whole processes, ours and eager interleaved: records in the CSV with the
+    environment, the process's peak resident memory, and a summary table of medians and ratios."""
+    out = tmp_path / "process.csv"
+    assert cli.main(["process", "--ops", "askd,fkl", "--tokens", "32", "--vocab", "256", "--dtype", "fp32",
+                     "--threads", "1", "--batch", "2", "--reps", "1", "--steps", "2", "--out", str(out)]) == 0
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["op"], r["provider"]) for r in rows] == [("askd_loss", "ours"), ("askd_loss", "eager"),
+                                                         ("divergence_loss:fkl", "ours"),
+                                                         ("divergence_loss:fkl", "eager")]
+    for r in rows:
+        assert r["status"] == "ok", r["error"]
+        assert (r["tokens"], r["vocab"], r["dtype"], r["threads"], r["steps"]) == ("32", "256", "fp32", "1", "2")
+        assert float(r["process_s"]) > float(r["first_step_s"]) > 0 and float(r["steady_step_s"]) > 0
+        assert int(r["peak_rss_kib"]) >= int(r["rss_inputs_kib"]) > 0
+        assert r["torch"] == torch.__version__ and r["git_commit"] and r["date"]
+    losses = {(r["op"], r["provider"]): float(r["loss"]) for r in rows}
+    assert losses[("askd_loss", "ours")] == pytest.approx(losses[("askd_loss", "eager")], rel=1e-4, abs=1e-5)
+    text = capsys.readouterr().out
+    assert "| askd_loss | 32 × 256 | fp32 | 1 | ours | 1 |" in text
+
+
+def test_process_summary_medians_and_ratios():
+    def rec(provider, process_s, step, peak, rep):
+        return dict(run_id="r", op="askd_loss", provider=provider, tokens=8, vocab=16, dtype="bf16", threads=2,
+                    status="ok", rep=rep, process_s=process_s, steady_step_s=step, first_step_s=step,
+                    peak_rss_kib=peak, rss_inputs_kib=1)
+
+    records = [rec("ours", 1.0, 0.1, 100, 0), rec("ours", 9.0, 0.3, 100, 1), rec("ours", 2.0, 0.2, 100, 2),
+               rec("eager", 4.0, 1.0, 400, 0), rec("eager", 4.0, 1.0, 400, 1),
+               rec("compile", 8.0, 0.4, 200, 0), {**rec("compile", 1.0, 0.01, 1, 1), "status": "failed"}]
+    rows = {r["provider"]: r for r in grid.process_summary(records)}
+    assert rows["ours"]["process_s"] == 2.0 and rows["ours"]["steady_step_s"] == 0.2  # medians
+    assert rows["ours"]["process_vs_eager"] == 0.5 and rows["ours"]["peak_vs_eager"] == 0.25
+    assert rows["ours"]["step_vs_compile"] == pytest.approx(0.5)  # the failed run is not counted
+    assert rows["compile"]["runs"] == 1 and rows["eager"]["step_vs_eager"] == 1.0
+    assert "| askd_loss | 8 × 16 | bf16 | 2 | ours | 3 |" in grid.process_markdown(records)

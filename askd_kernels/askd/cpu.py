@@ -3,37 +3,56 @@
 Used for CPU tensors (and anywhere with ``ASKD_KERNELS_BACKEND=torch``): :func:`row_stats` is stage
 (a) of :mod:`.triton_row_stats`, :func:`coefficients` stage (b) of :mod:`.triton_coefficients`,
 :func:`student_gradient` stage (c) of :mod:`.triton_gradient`; their docstrings hold the formulas.
-Rows are processed in chunks (:func:`askd_kernels._torch_math.row_chunks`), so the temporaries are a
+Rows are streamed in cache-sized blocks (:func:`askd_kernels._torch_math.row_blocks`), so the temporaries are a
 few chunks of rows × vocab in fp32, never tokens × vocab. This is the library's fallback, not the
 test oracle: ``reference/`` is written independently and materialises everything in fp64.
 """
 import torch
 
-from .._torch_math import divergence_terms, log_mixture, log_prob_at, log_softmax_at, row_chunks
+from .._torch_math import (chunk_rows, divergence_terms, for_blocks, log_mixture, log_prob_at, log_softmax_at,
+                           row_blocks, rows_view, shift_into)
+
+
+def _buffer(rows: int, n_cols: int, device) -> torch.Tensor:
+    """One fp32 ``[rows, n_cols]`` work buffer, allocated once per call and reused by every block."""
+    return torch.empty((rows, n_cols), dtype=torch.float32, device=device)
 
 
 def row_stats(student_logits, labels, teacher_logits, teacher_logprobs, *, temperature, ignore_index):
-    """Stage (a); see :mod:`.triton_row_stats`. Returns fp32 ``(log_q [B·T], log_ratio [B·T], lse [B·T, 2])``."""
+    """Stage (a); see :mod:`.triton_row_stats`. Returns fp32 ``(log_q [B·T], log_ratio [B·T], lse [B·T, 2])``.
+
+    Streams blocks of rows (:func:`askd_kernels._torch_math.row_blocks`): per block and per side,
+    the max in the logits' dtype, one pass that converts and shifts into a reused fp32 buffer, the
+    label's entry, then exp and sum in place; ignored rows are skipped (or, inside a mostly valid
+    block, computed and discarded)."""
     B, T, V_s = student_logits.shape
     n = B * T
-    z = student_logits.reshape(n, V_s)
-    w = None if teacher_logits is None else teacher_logits.reshape(n, teacher_logits.shape[2])
+    dev = student_logits.device
     flat_labels = labels.reshape(n)
     valid = flat_labels != ignore_index
     inv_tau = 1.0 / temperature
-    log_q = torch.zeros(n, dtype=torch.float32, device=z.device)
-    log_p = torch.zeros_like(log_q) if w is not None else teacher_logprobs.reshape(n).float()
-    lse = torch.zeros((n, 2), dtype=torch.float32, device=z.device)
-    rows = valid.nonzero().squeeze(-1)  # ignored positions cost no vocabulary pass
-    width = max(V_s, 0 if w is None else w.shape[1])
-    for idx, sel in row_chunks(rows, n, width):
-        lab = flat_labels[sel]
-        lq, ls = log_prob_at(z[sel], lab, inv_tau)
-        # Out-of-range student labels poison the row with NaN, as the kernel does.
-        log_q[idx] = torch.where((lab >= 0) & (lab < V_s), lq, float("nan"))
-        lse[idx] = ls
-        if w is not None:
-            log_p[idx] = log_prob_at(w[sel], lab, inv_tau)[0]
+    log_q = torch.zeros(n, dtype=torch.float32, device=dev)
+    log_p = torch.zeros_like(log_q) if teacher_logits is not None else teacher_logprobs.reshape(n).float()
+    lse = torch.zeros((n, 2), dtype=torch.float32, device=dev)
+    z_rows, period = rows_view(student_logits)
+    w_rows = None
+    if teacher_logits is not None:
+        w_rows, w_period = rows_view(teacher_logits)
+        period = period or w_period
+    width = max(V_s, 0 if teacher_logits is None else teacher_logits.shape[2])
+    blocks = row_blocks(valid, n, width, period)
+    rows = min(chunk_rows(width), max((b - a for a, b, _ in blocks), default=0))
+
+    def block(a, b, _mask, work):  # rows of a mixed block are kept by the torch.where below
+        lab = flat_labels[a:b]
+        log_q[a:b], lse[a:b] = log_prob_at(z_rows(a, b), lab, inv_tau, work)
+        if w_rows is not None:
+            log_p[a:b] = log_prob_at(w_rows(a, b), lab, inv_tau, work)[0]
+
+    for_blocks(blocks, block, lambda: _buffer(rows, width, dev))
+    # Out-of-range student labels poison the row with NaN, as the kernel does; ignored rows read 0.
+    log_q = torch.where(valid, torch.where((flat_labels >= 0) & (flat_labels < V_s), log_q, float("nan")), 0.0)
+    lse = torch.where(valid.unsqueeze(1), lse, 0.0)
     log_ratio = torch.where(valid, log_p - log_q, 0.0)
     return log_q, log_ratio, lse
 
@@ -55,26 +74,37 @@ def full_vocab_row_stats(student_logits, labels, teacher_logits, alpha, sgo, kap
     B, T, V_s = student_logits.shape
     V_t = teacher_logits.shape[2]
     n = B * T
-    z, w = student_logits.reshape(n, V_s), teacher_logits.reshape(n, V_t)
+    dev = student_logits.device
+    z_rows, period = rows_view(student_logits)
+    w_rows, w_period = rows_view(teacher_logits)
     flat_labels = labels.reshape(n)
     valid = flat_labels != ignore_index
     inv_tau = 1.0 / temperature
-    log_q, log_p, fv_value, fv_sum = (torch.zeros(n, dtype=torch.float32, device=z.device) for _ in range(4))
-    lse, lse_t = (torch.zeros((n, 2), dtype=torch.float32, device=z.device) for _ in range(2))
+    log_q, log_p, fv_value, fv_sum = (torch.zeros(n, dtype=torch.float32, device=dev) for _ in range(4))
+    lse, lse_t = (torch.zeros((n, 2), dtype=torch.float32, device=dev) for _ in range(2))
     log_w = torch.stack([torch.log(alpha), torch.log1p(-alpha)], 1)
-    for idx, sel in row_chunks(valid.nonzero().squeeze(-1), n, max(V_s, V_t)):
-        lab, seq = flat_labels[sel], idx // T
-        lq, ls = log_prob_at(z[sel], lab, inv_tau)
-        log_p[idx], lt = log_prob_at(w[sel], lab, inv_tau)
-        log_q[idx] = torch.where((lab >= 0) & (lab < V_s), lq, float("nan"))  # as the kernel: NaN, never out of bounds
-        lse[idx], lse_t[idx] = ls, lt
+    seq_of = torch.arange(n, device=dev) // T
+    is_sgo, unclipped = sgo.bool(), kappa != 0
+
+    def block(a, b, mask, _state):
+        lab, seq = flat_labels[a:b], seq_of[a:b]
+        z, w = z_rows(a, b), w_rows(a, b)
+        log_q[a:b], ls = log_prob_at(z, lab, inv_tau)
+        log_p[a:b], lt = log_prob_at(w, lab, inv_tau)
+        lse[a:b], lse_t[a:b] = ls, lt
         # Summed over the student's vocabulary: the teacher's columns beyond V_s are no label's.
-        x = log_softmax_at(z[sel], ls[:, 0], ls[:, 1], inv_tau)
-        y = _to_width(log_softmax_at(w[sel], lt[:, 0], lt[:, 1], inv_tau), V_s)
-        for kind, rows in _by_kind(sgo[seq].bool()):
-            rows = rows & (kappa[seq] != 0)  # clipped sequences: no value, no gradient
-            v, a, _q = divergence_terms(x[rows], y[rows], log_w[seq[rows], :1], log_w[seq[rows], 1:], kind)
-            fv_value[idx[rows]], fv_sum[idx[rows]] = v.sum(-1), a.sum(-1)
+        x = log_softmax_at(z, ls[:, 0], ls[:, 1], inv_tau)
+        y = _to_width(log_softmax_at(w, lt[:, 0], lt[:, 1], inv_tau), V_s)
+        keep = unclipped[seq] if mask is None else unclipped[seq] & mask  # clipped: no value, no gradient
+        for kind, rows in _by_kind(is_sgo[seq]):
+            rows = rows & keep
+            v, g, _q = divergence_terms(x[rows], y[rows], log_w[seq[rows], :1], log_w[seq[rows], 1:], kind)
+            fv_value[a:b][rows], fv_sum[a:b][rows] = v.sum(-1), g.sum(-1)
+
+    for_blocks(row_blocks(valid, n, max(V_s, V_t), period or w_period), block)
+    # As the kernel: NaN for an out-of-range label, never out of bounds; ignored rows read 0.
+    log_q = torch.where(valid, torch.where((flat_labels >= 0) & (flat_labels < V_s), log_q, float("nan")), 0.0)
+    lse, lse_t = (torch.where(valid.unsqueeze(1), pair, 0.0) for pair in (lse, lse_t))
     return log_q, torch.where(valid, log_p - log_q, 0.0), lse, lse_t, fv_value, fv_sum
 
 
@@ -148,27 +178,48 @@ def coefficients(log_q, log_ratio, log_q_old, labels, alpha, sgo, kappa, *, esti
 
 
 def student_gradient(student_logits, labels, coef, lse, grad_seq, *, temperature):
-    """Stage (c); see :mod:`.triton_gradient`. Rows with a zero factor are not read."""
+    """Stage (c); see :mod:`.triton_gradient`. Rows with a zero factor are not read (they get exact zeros).
+
+    Written block by block straight into the gradient's final buffer: per block one pass converts
+    and shifts the logits into fp32 (into the gradient rows themselves for fp32 logits, else a
+    reused block buffer), then ``exp((z − m)/τ − s)`` in place, minus 1 at the label, and one pass
+    that multiplies by the row factor and stores the result in the gradient (converting to
+    bf16/fp16): ``factor·(softmax − onehot)``, as the kernel forms it."""
     B, T, V_s = student_logits.shape
     n = B * T
-    z = student_logits.reshape(n, V_s)
+    dev = student_logits.device
     flat_labels = labels.reshape(n)
+    inv_tau = 1.0 / temperature
     scale = coef * grad_seq.repeat_interleave(T) / temperature
-    rows = (scale != 0).nonzero().squeeze(-1)
-    everything = rows.numel() == n
+    live = scale != 0
+    # softmax(z/τ) rebuilt from the forward's (max, log-sum) pair, − onehot, times the row factor. A
+    # label outside [0, V_s) (unchecked under torch.compile) already made this row NaN in the
+    # forward; it must not index out of bounds here.
+    inside = (flat_labels >= 0) & (flat_labels < V_s)
+    at_label = torch.where(inside, -1.0, 0.0).unsqueeze(1)  # − onehot (nothing for an outside label)
+    safe_labels = flat_labels.clamp(0, V_s - 1).unsqueeze(1)
+    m, s, factor = lse[:, :1], lse[:, 1:], scale.unsqueeze(1)
     # Allocated in its final shape so autograd can take it over without a copy.
-    grad = (torch.empty if everything else torch.zeros)((B, T, V_s), dtype=student_logits.dtype, device=z.device)
+    grad = torch.empty((B, T, V_s), dtype=student_logits.dtype, device=dev)
     rows_out = grad.view(n, V_s)
-    for idx, sel in row_chunks(rows, n, V_s):
-        # softmax(z/τ) rebuilt from the forward's (max, log-sum) pair, − onehot, times the row factor.
-        prob = log_softmax_at(z[sel], lse[idx, 0], lse[idx, 1], 1.0 / temperature).exp_()
-        prob.mul_(scale[idx].unsqueeze(1))
-        # A label outside [0, V_s) (unchecked under torch.compile) already made this row NaN in the
-        # forward; it must not index out of bounds here.
-        lab = flat_labels[idx]
-        inside = (lab >= 0) & (lab < V_s)
-        prob[torch.arange(idx.numel(), device=z.device), lab.clamp(0, V_s - 1)] -= torch.where(inside, scale[idx], 0.0)
-        rows_out[sel] = prob.to(grad.dtype)
+    z_rows, period = rows_view(student_logits)
+    blocks = row_blocks(live, n, V_s, period)
+    rows = min(chunk_rows(V_s), max((b - a for a, b, _ in blocks), default=0))
+    fp32 = student_logits.dtype == torch.float32
+
+    def block(a, b, _mask, work):
+        out = rows_out[a:b] if fp32 else work[:b - a]
+        shift_into(out, z_rows(a, b), m[a:b].squeeze(1), inv_tau)
+        out.sub_(s[a:b]).exp_()
+        out.scatter_add_(1, safe_labels[a:b], at_label[a:b])  # softmax − onehot, in fp32
+        # × the row factor, and for bf16/fp16 the store into the gradient, in one pass
+        torch.mul(out, factor[a:b], out=rows_out[a:b])
+
+    for_blocks(blocks, block, lambda: None if fp32 else _buffer(rows, V_s, dev))
+    # Rows with a zero factor (never written, or computed inside a mostly live block): exact zeros.
+    dead = (~live).nonzero().squeeze(1)
+    if dead.numel():
+        rows_out.index_fill_(0, dead, 0.0)
     return grad
 
 
@@ -177,26 +228,36 @@ def full_vocab_gradient(student_logits, labels, teacher_logits, coef, lse, lse_t
     """Stage (c) of ``rao_blackwell``; see :func:`.triton_gradient.full_vocab_gradient`."""
     B, T, V_s = student_logits.shape
     n = B * T
-    z, w = student_logits.reshape(n, V_s), teacher_logits.reshape(n, teacher_logits.shape[2])
+    dev = student_logits.device
+    z_rows, period = rows_view(student_logits)
+    w_rows, w_period = rows_view(teacher_logits)
     flat_labels = labels.reshape(n)
     g = grad_seq.repeat_interleave(T)
-    seq_of = torch.arange(n, device=z.device) // T
+    seq_of = torch.arange(n, device=dev) // T
     scale_label = coef * g / temperature
     scale = torch.where(flat_labels != ignore_index, kappa[seq_of] * g / temperature, 0.0)
     scale = torch.where(torch.isinf(fv_sum), 0.0, scale)  # an infinite value: zero gradient, not NaN
     log_w = torch.stack([torch.log(alpha), torch.log1p(-alpha)], 1)
-    grad = torch.zeros((B, T, V_s), dtype=student_logits.dtype, device=z.device)
+    grad = torch.zeros((B, T, V_s), dtype=student_logits.dtype, device=dev)
     rows_out = grad.view(n, V_s)
     inv_tau = 1.0 / temperature
-    for idx, sel in row_chunks(((scale != 0) | (scale_label != 0)).nonzero().squeeze(-1), n, V_s):
-        seq = idx // T
-        x = log_softmax_at(z[sel], lse[idx, 0], lse[idx, 1], inv_tau)
-        y = _to_width(log_softmax_at(w[sel], lse_t[idx, 0], lse_t[idx, 1], inv_tau), V_s)
-        lab = flat_labels[idx]
-        onehot = torch.nn.functional.one_hot(lab.clamp(0, V_s - 1), V_s).to(x.dtype)
-        for kind, rows in _by_kind(sgo[seq].bool()):
-            _v, a, q = divergence_terms(x[rows], y[rows], log_w[seq[rows], :1], log_w[seq[rows], 1:], kind)
-            k, s_row, c = scale[idx[rows]].unsqueeze(1), fv_sum[idx[rows]].unsqueeze(1), scale_label[idx[rows]].unsqueeze(1)
-            full = torch.where(k != 0, k * (a - q * s_row), 0.0)
-            rows_out[idx[rows]] = (full + c * (q - onehot[rows])).to(grad.dtype)
+    live = (scale != 0) | (scale_label != 0)
+    is_sgo = sgo.bool()
+
+    def block(a, b, mask, _state):
+        seq = seq_of[a:b]
+        x = log_softmax_at(z_rows(a, b), lse[a:b, 0], lse[a:b, 1], inv_tau)
+        y = _to_width(log_softmax_at(w_rows(a, b), lse_t[a:b, 0], lse_t[a:b, 1], inv_tau), V_s)
+        onehot = torch.nn.functional.one_hot(flat_labels[a:b].clamp(0, V_s - 1), V_s).to(x.dtype)
+        out = rows_out[a:b]
+        for kind, rows in _by_kind(is_sgo[seq]):
+            if mask is not None:
+                rows = rows & mask
+            _v, d, q = divergence_terms(x[rows], y[rows], log_w[seq[rows], :1], log_w[seq[rows], 1:], kind)
+            k, s_row = scale[a:b][rows].unsqueeze(1), fv_sum[a:b][rows].unsqueeze(1)
+            c = scale_label[a:b][rows].unsqueeze(1)
+            full = torch.where(k != 0, k * (d - q * s_row), 0.0)
+            out[rows] = (full + c * (q - onehot[rows])).to(grad.dtype)
+
+    for_blocks(row_blocks(live, n, V_s, period or w_period), block)
     return grad
