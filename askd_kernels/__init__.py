@@ -12,6 +12,8 @@ PyTorch path) — and :mod:`askd_kernels.backend` picks the implementation per c
   stages from hidden states and the lm_head weight in chunks of rows (``askd_loss_from_hidden``,
   ``token_logprobs``).
 * :mod:`askd_kernels.divergence` — the full-vocabulary family (fkl, rkl, skl, srkl, jsd, tvd).
+* :mod:`askd_kernels._packed` — packed rows (``cu_seqlens`` / ``position_ids``): the index maps
+  between the tokens and the ``[S, L]`` sequence layout that only the coefficient stage needs.
 * :mod:`askd_kernels.skew` — skewness α from rewards.
 * :mod:`askd_kernels._triton_math` / :mod:`askd_kernels._torch_math` — the shared building blocks
   (online log-sum-exp, log-mixture, divergence terms), once per backend.

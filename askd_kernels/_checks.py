@@ -51,12 +51,14 @@ def sequence_tensor(name, value):
     return B, T, X
 
 
-def teacher_logits(value, batch, steps):
-    """``teacher_logits``: a ``[B, T, V_t > 0]`` floating tensor matching the student's B and T."""
-    tensor("teacher_logits", value, ndim=3, floating=LOGIT_DTYPES)
-    if value.shape[:2] != (batch, steps) or value.shape[2] == 0:
-        raise ValueError(f"teacher_logits must have shape [B={batch}, T={steps}, V_t > 0], "
-                         f"got {tuple(value.shape)}")
+def teacher_logits(value, tokens):
+    """``teacher_logits``: a floating tensor of the student's shape but for the vocabulary,
+    ``[*tokens, V_t > 0]`` (``tokens`` = the labels' shape: ``(B, T)``, or ``(N,)`` for flat input)."""
+    tensor("teacher_logits", value, floating=LOGIT_DTYPES)
+    tokens = tuple(tokens)
+    if value.dim() != len(tokens) + 1 or tuple(value.shape[:-1]) != tokens or value.shape[-1] == 0:
+        raise ValueError(f"teacher_logits must have shape [{', '.join(map(str, tokens))}, V_t > 0] (the "
+                         f"student's but for the vocabulary), got {tuple(value.shape)}")
     return value
 
 
@@ -67,8 +69,24 @@ def same_device(device, *, reference="student_logits", **tensors):
             raise ValueError(f"{name} is on {value.device} but {reference} is on {device}")
 
 
+def scalar_tensor(name, value, *, integer=False):
+    """A 0-d tensor given where a number is expected, as that python number (``float``, or ``int`` for
+    ``integer``). Reading it is one ``.item()``: a device sync for a CUDA tensor, a graph break under
+    ``torch.compile`` (pass a python number there)."""
+    if value.dim() != 0:
+        raise ValueError(f"{name} must be a number or a 0-d tensor, got a tensor of shape {tuple(value.shape)}")
+    if value.dtype == torch.bool or value.is_complex() or (integer and value.is_floating_point()):
+        kind = "an integer" if integer else "a real number"
+        raise TypeError(f"{name} must be {kind} or a 0-d {'integer' if integer else 'real'} tensor, "
+                        f"got a {value.dtype} tensor")
+    return int(value.item()) if integer else float(value.item())
+
+
 def number(name, value, *, low=None, high=None, low_open=False, high_open=False):
-    """Check a python real number lies in the interval and return it as a float."""
+    """Check a real number — a python number or a 0-d real tensor — lies in the interval and return it
+    as a float."""
+    if isinstance(value, Tensor):
+        value = scalar_tensor(name, value)
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
@@ -92,8 +110,11 @@ def choice(name, value, options):
 
 
 def per_sequence_alpha(alpha, batch, device):
-    """``alpha`` as an fp32 [B] tensor; a python float applies to every sequence."""
+    """``alpha`` as an fp32 [B] tensor; a python float or a 0-d tensor applies to every sequence (the
+    0-d tensor is broadcast on its device: no sync)."""
     if isinstance(alpha, Tensor):
+        if alpha.dim() == 0:
+            alpha = alpha.expand(batch)
         tensor("alpha", alpha, ndim=1, shape=(batch,))
         if not alpha.is_floating_point():
             raise TypeError(f"alpha must be a floating tensor, got {alpha.dtype}")
@@ -105,9 +126,11 @@ def per_sequence_alpha(alpha, batch, device):
 
 
 def per_sequence_flag(name, flag, batch, device):
-    """A [B] bool tensor, or a python bool broadcast to all sequences."""
+    """A [B] bool tensor, or a python bool or 0-d bool tensor broadcast to all sequences."""
     if isinstance(flag, bool):
         return torch.full((batch,), flag, dtype=torch.bool, device=device)
+    if isinstance(flag, Tensor) and flag.dim() == 0 and flag.dtype == torch.bool:
+        flag = flag.expand(batch)
     tensor(name, flag, ndim=1, shape=(batch,), boolean=True)
     same_device(device, **{name: flag})
     return flag
@@ -172,7 +195,10 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 def integer(name, value):
     """A python int (not a bool) that fits in int64, e.g. ``ignore_index`` (the custom ops and the
     kernels take it as int64; labels are widened to int64 before they are compared with it, so it
-    need not fit the labels' own dtype: a value outside that range simply matches no label)."""
+    need not fit the labels' own dtype: a value outside that range simply matches no label). A 0-d
+    integer tensor is read as its value."""
+    if isinstance(value, Tensor):
+        value = scalar_tensor(name, value, integer=True)
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if not INT64_MIN <= value <= INT64_MAX:
@@ -195,3 +221,16 @@ def apply_reduction(values, labels, ignore_index, reduction, num_items):
         n = (index_labels(labels) != ignore_index).sum()  # widened: a narrow dtype would wrap ignore_index
         return values.sum() / torch.clamp(torch.as_tensor(n, dtype=torch.float32, device=values.device), min=1.0)
     return values.sum() / torch.as_tensor(num_items, dtype=torch.float32, device=values.device)
+
+
+def not_swapped(labels, teacher_logits):
+    """A ``TypeError`` naming the likely mix-up when ``labels`` look like logits (floating) and
+    ``teacher_logits`` like labels (integer): the two families order them differently."""
+    if (isinstance(labels, Tensor) and isinstance(teacher_logits, Tensor) and labels.is_floating_point()
+            and not (teacher_logits.is_floating_point() or teacher_logits.is_complex()
+                     or teacher_logits.dtype == torch.bool)):
+        raise TypeError(
+            f"labels has the floating dtype {labels.dtype} and teacher_logits the integer dtype "
+            f"{teacher_logits.dtype}: they look swapped. askd_loss takes (student_logits, labels, "
+            f"teacher_logits) but divergence_loss takes (student_logits, teacher_logits, labels); pass "
+            f"them by keyword to avoid the mix-up")

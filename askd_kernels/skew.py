@@ -43,14 +43,17 @@ def skew_from_rewards(rewards: Tensor, *, group_size: Optional[int] = None, beta
     n = rewards.numel()
     if n == 0:
         raise ValueError("rewards must not be empty")
+    if isinstance(group_size, Tensor):  # a 0-d integer tensor counts as its value
+        group_size = _checks.scalar_tensor("group_size", group_size, integer=True)
     if group_size is None:
         group_size = n
     elif isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive int or None, got {group_size!r}")
     elif n % group_size != 0:
         raise ValueError(f"group_size={group_size} does not divide the number of rewards ({n})")
-    if not isinstance(beta, (int, float)) or isinstance(beta, bool):
-        raise TypeError(f"beta must be a float, got {type(beta).__name__}")
+    beta = _checks.number("beta", beta)  # a python number or a 0-d tensor
+    if isinstance(eps, Tensor):
+        eps = _checks.scalar_tensor("eps", eps)
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0:
         raise ValueError(f"eps must be a float >= 0, got {eps!r}")
 

@@ -54,7 +54,7 @@ def _teacher_logprobs(labels, dtype, g, vocab):
     hidden = torch.randn(B, T, H_TEACHER, generator=g).to(dtype)
     weight = (torch.randn(vocab, H_TEACHER, generator=g) / 2).to(dtype)
     with torch.no_grad():
-        return ak.token_logprobs(hidden, weight, labels, bias=torch.randn(vocab, generator=g).to(dtype))
+        return ak.token_logprobs(hidden, weight, labels, lm_head_bias=torch.randn(vocab, generator=g).to(dtype))
 
 
 def _case(seed, dtype, *, bias=True, strided=False, B=2, T=11, hidden_size=H, vocab=V, teacher_head=False,
@@ -257,7 +257,7 @@ def test_token_logprobs_parity(backend, chunked, dtype, bias):
         (out * upstream.to(out.dtype)).sum().backward()
         return out.detach(), _grads(leaves)
 
-    ours = run(lambda h, w, b: ak.token_logprobs(h, w, labels, bias=b, temperature=tau))
+    ours = run(lambda h, w, b: ak.token_logprobs(h, w, labels, lm_head_bias=b, temperature=tau))
     naive = run(lambda h, w, b: pick(torch.log_softmax(F.linear(h, w, b) / tau, dim=-1)))
 
     def exact(logits):

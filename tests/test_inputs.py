@@ -133,7 +133,20 @@ CASES = [
     ("num-items-tensor-bool", lambda b: {"num_items": torch.tensor(True)}, TypeError, "num_items"),
     ("is-max-str", lambda b: {"is_max": "2"}, TypeError, "is_max"),
     ("num-items-bool", lambda b: {"num_items": True}, TypeError, "num_items"),
-    ("alpha-tensor-0d", lambda b: {"alpha": torch.tensor(0.5)}, ValueError, "alpha"),
+    ("alpha-tensor-0d-above-one", lambda b: {"alpha": torch.tensor(1.5)}, ValueError, "alpha"),
+    ("alpha-tensor-0d-int", lambda b: {"alpha": torch.tensor(1)}, TypeError, "alpha"),
+    # 0-d tensors where a number is: checked as the number they hold
+    ("gamma-tensor-0d-zero", lambda b: {"gamma": torch.tensor(0.0)}, ValueError, "gamma"),
+    ("gamma-tensor-1d", lambda b: {"gamma": torch.tensor([0.9])}, ValueError, "gamma"),
+    ("gamma-tensor-bool", lambda b: {"gamma": torch.tensor(True)}, TypeError, "gamma"),
+    ("temperature-tensor-0d-negative", lambda b: {"temperature": torch.tensor(-1.0)}, ValueError, "temperature"),
+    ("is-max-tensor-0d-zero", lambda b: {"is_max": torch.tensor(0.0)}, ValueError, "is_max"),
+    ("ignore-index-tensor-float", lambda b: {"ignore_index": torch.tensor(-100.0)}, TypeError, "ignore_index"),
+    ("ignore-index-tensor-1d", lambda b: {"ignore_index": torch.tensor([-100])}, ValueError, "ignore_index"),
+    ("sgo-tensor-0d-int", lambda b: {"student_generated": torch.tensor(1)}, TypeError, "student_generated"),
+    # the argument order of the other family: the error says so
+    ("labels-and-teacher-swapped", lambda b: {"labels": b["teacher_logits"], "teacher_logits": b["labels"]},
+     TypeError, "swapped"),
     ("logprobs-float64", lambda b: {"teacher_logits": None, "teacher_logprobs": torch.zeros(B, T, dtype=torch.float64)},
      TypeError, "teacher_logprobs"),
     ("ignore-index-bool", lambda b: {"ignore_index": False}, TypeError, "ignore_index"),
@@ -187,3 +200,78 @@ def test_boundary_values_are_accepted(backend):
     assert torch.isfinite(loss)
     loss = ak.askd_loss(**{**kw, "alpha": 1.0, "clip": torch.tensor([True, True])})
     assert torch.isfinite(loss)
+
+
+# ---- 0-d tensors wherever a number is; the argument orders of the two families ----------------------
+
+def test_zero_dim_tensors_are_the_numbers_they_hold(backend):
+    """Every number option of every public function takes a 0-d tensor and gives the result of the
+    python number it holds, bit for bit (value and gradient). (The number it holds: ``torch.tensor(0.3)``
+    is fp32, so its number is 0.30000001192…, compared with that.)"""
+    kw = _base()
+    numbers = dict(alpha=0.3, gamma=0.9, temperature=1.5, is_max=2.0, num_items=5, ignore_index=-100)
+
+    def run(fn, **given):
+        leaf = kw["student_logits"].detach().clone().requires_grad_()
+        loss = fn(leaf, **given)
+        loss.backward()
+        return loss.detach(), leaf.grad
+
+    def tensors(d):
+        return {k: torch.tensor(v) for k, v in d.items()}
+
+    def askd(x, **o):
+        return ak.askd_loss(x, kw["labels"], kw["teacher_logits"], student_generated=kw["student_generated"],
+                            estimator="exact", **o)
+
+    def div(x, **o):
+        return ak.divergence_loss(x, kw["teacher_logits"], kw["labels"], **o)
+    cases = [(askd, numbers),
+             (lambda x, **o: askd(x, **o, old_logprobs=torch.zeros(B, T)), dict(numbers)),
+             (div, dict(kind="jsd", beta=0.3, temperature=2.0, num_items=4, ignore_index=-100)),
+             (div, dict(kind="skl", alpha=0.3, temperature=2.0))]
+    for fn, options in cases:
+        plain = run(fn, **{k: v if k == "kind" else torch.tensor(v).item() for k, v in options.items()})
+        as_tensors = run(fn, **{k: v for k, v in options.items() if k == "kind"},
+                         **tensors({k: v for k, v in options.items() if k != "kind"}))
+        assert torch.equal(plain[0], as_tensors[0]) and torch.equal(plain[1], as_tensors[1]), options
+    # a 0-d bool tensor is the python bool for the flag
+    assert torch.equal(ak.askd_loss(kw["student_logits"], kw["labels"], kw["teacher_logits"], alpha=0.5,
+                                    student_generated=torch.tensor(True)),
+                       ak.askd_loss(kw["student_logits"], kw["labels"], kw["teacher_logits"], alpha=0.5,
+                                    student_generated=True))
+
+
+def test_zero_dim_tensors_in_the_hidden_state_functions_and_skew(backend):
+    g = torch.Generator().manual_seed(1)
+    hidden, weight = torch.randn(B, T, 4, generator=g), torch.randn(V, 4, generator=g)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    assert torch.equal(ak.token_logprobs(hidden, weight, labels, temperature=torch.tensor(0.5),
+                                         ignore_index=torch.tensor(-1)),
+                       ak.token_logprobs(hidden, weight, labels, temperature=0.5, ignore_index=-1))
+    common = dict(teacher_logprobs=torch.zeros(B, T) - 1.0, student_generated=True)
+    assert torch.equal(
+        ak.askd_loss_from_hidden(hidden, weight, labels, alpha=torch.tensor(0.25), gamma=torch.tensor(0.5), **common),
+        ak.askd_loss_from_hidden(hidden, weight, labels, alpha=0.25, gamma=0.5, **common))
+    rewards = torch.tensor([1.0, 2.0, 0.5, 4.0])
+    assert torch.equal(ak.skew_from_rewards(rewards, group_size=torch.tensor(2), beta=torch.tensor(0.7),
+                                            eps=torch.tensor(1e-3)),
+                       ak.skew_from_rewards(rewards, group_size=2, beta=0.7, eps=1e-3))
+
+
+@pytest.mark.parametrize("call", ["askd_loss", "divergence_loss", "ASKDLoss"])
+def test_swapped_labels_and_teacher_name_the_order(no_kernels, call):
+    """askd_loss(student, labels, teacher) and divergence_loss(student, teacher, labels): called in the
+    other family's order, the error says they look swapped and gives both orders."""
+    kw = _base()
+    student, labels, teacher = kw["student_logits"], kw["labels"], kw["teacher_logits"]
+    calls = {
+        "askd_loss": lambda: ak.askd_loss(student, teacher, labels, student_generated=True, alpha=0.5),
+        "divergence_loss": lambda: ak.divergence_loss(student, labels, teacher, kind="fkl"),
+        "ASKDLoss": lambda: ak.ASKDLoss(alpha=0.5, student_generated=True)(student, teacher, labels),
+    }
+    with pytest.raises(TypeError, match=r"labels .*teacher_logits.*look swapped.*askd_loss takes \(student_logits, "
+                                        r"labels, teacher_logits\).*divergence_loss takes \(student_logits, "
+                                        r"teacher_logits, labels\)") as info:
+        calls[call]()
+    assert not isinstance(info.value, KernelRan)

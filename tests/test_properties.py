@@ -286,10 +286,19 @@ def test_label_outside_teacher_vocab_is_finite_for_sgo(backend, alpha):
     torch.testing.assert_close(grad.double(), leaf.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_layout_and_index_dtype_do_not_matter(backend):
+@pytest.mark.parametrize("V_s", [12, 11])
+def test_layout_and_index_dtype_do_not_matter(backend, V_s):
     """Strided / transposed / int32 / stride-0 inputs give bitwise the same result as compact ones
-    (the op makes its own contiguous copies; the kernels take any logits strides)."""
-    student, _, labels = _problem(18, B=2, T=5, V_s=11)
+    (the op makes its own contiguous copies; the kernels take any logits strides).
+
+    One exception, on the Triton kernels only: their 128-bit main loop starts at each row's first
+    16-byte boundary, so when the two layouts put a row at different offsets modulo 16 bytes (V = 11
+    fp32 here, transposed) its sums over the vocabulary are added in another order
+    (docs/contract.md §7.7). Then the results agree to that reordering: a sum of n positive fp32
+    terms in any order is within (n − 1)·ε of the exact sum, so two orders differ by at most
+    2(n − 1)·ε relative; a row's log-sum and every value derived from it inherit that, and the
+    coefficients sum such values over the T = 5 positions of a sequence: tolerance 2·V·T·ε."""
+    student, _, labels = _problem(18, B=2, T=5, V_s=V_s)
     g = torch.Generator().manual_seed(18)
     logp, old = torch.randn(2, 5, generator=g) - 2, torch.randn(2, 5, generator=g) - 2
     kw = dict(reduction="none", is_max=2.0, temperature=0.8)
@@ -299,8 +308,13 @@ def test_layout_and_index_dtype_do_not_matter(backend):
     other = _run(student.transpose(0, 1).contiguous().transpose(0, 1), t(labels).int(), teacher_logprobs=t(logp),
                  old_logprobs=t(old), student_generated=torch.tensor([True, True, False, False])[::2],
                  alpha=torch.tensor(0.3).expand(2), **kw)
-    assert torch.equal(base[0], other[0]) and torch.equal(base[2], other[2])
-    assert all(torch.equal(base[1][k], other[1][k]) for k in base[1])
+    pairs = [(base[0], other[0]), (base[2], other[2])] + [(base[1][k], other[1][k]) for k in base[1]]
+    if backend == "torch" or V_s % 4 == 0:  # fp32: 4 columns per 16 bytes, every row aligned alike
+        assert all(torch.equal(a, b) for a, b in pairs)
+    else:
+        tol = 2 * V_s * 5 * torch.finfo(torch.float32).eps
+        for a, b in pairs:
+            torch.testing.assert_close(b, a, rtol=tol, atol=tol)
 
 
 # ------------------------------------------------------------------- stats and the module
@@ -450,8 +464,11 @@ def test_compile_fullgraph_training_step_cpu_checks(monkeypatch):
 
 def test_int64_element_offsets(backend):
     """Rows that start beyond 2^31 elements, with strides that fit in 32 bits (so only 64-bit
-    offset arithmetic in the kernels reads the right rows). Untouched pages are never resident."""
-    V, S = 37, 2**30
+    offset arithmetic in the kernels reads the right rows). Untouched pages are never resident.
+    V = 40 (a multiple of 8 bf16 columns = 16 bytes) keeps every row of both layouts on a 16-byte
+    boundary, so the kernels add each row's terms in the same order and the results are bitwise
+    equal (see test_layout_and_index_dtype_do_not_matter for rows that are not)."""
+    V, S = 40, 2**30
     try:
         buf = torch.empty(2**31 + 2 * V, dtype=torch.bfloat16)
     except RuntimeError as exc:  # pragma: no cover - depends on the machine's overcommit policy

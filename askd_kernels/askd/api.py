@@ -6,7 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import _checks as check
-from .ops import askd_forward
+from .. import _packed
+from .ops import askd_forward, askd_packed_forward
 from .triton_coefficients import ESTIMATORS
 
 
@@ -30,12 +31,17 @@ def askd_loss(
     reduction: str = "mean",
     num_items: Optional[Union[int, float, Tensor]] = None,
     return_stats: bool = False,
+    cu_seqlens: Optional[Tensor] = None,
+    position_ids: Optional[Tensor] = None,
+    max_seqlen: Optional[int] = None,
 ):
     """The ASKD sampled-token loss on teacher-generated (SKL) and student-generated (SRKL) outputs.
 
     Args:
         student_logits: ``[B, T, V_s]`` fp32/bf16/fp16, any strides; ``logits[b, t]`` predicts
-            ``labels[b, t]``. The only input that receives a gradient.
+            ``labels[b, t]``. The only input that receives a gradient. With ``cu_seqlens`` or
+            ``position_ids`` the rows are packed (several sequences per row) and a flat ``[N, V_s]``
+            with ``[N]`` labels is accepted too; see "Packed rows" below.
         labels: ``[B, T]`` integer; ``ignore_index`` marks positions that take no part anywhere.
             Other labels must be in ``[0, V_s)`` (checked for CPU tensors; on CUDA an out-of-range
             label gives a NaN loss instead of an error, since checking would sync the device).
@@ -69,28 +75,71 @@ def askd_loss(
         return_stats: also return a dict of detached fp32 ``[B, T]`` tensors: ``log_q``,
             ``log_ratio`` (ℓ_t), ``lam`` (λ_t), ``coef`` (κ_b·w_t·λ_t, the gradient's factor),
             all 0 at ignored positions.
+        cu_seqlens: packed rows: ``[S + 1]`` integer cumulative sequence lengths over the tokens in
+            row-major order (``[0, n_1, n_1 + n_2, …, N]``, as flash-attention's varlen functions).
+        position_ids: packed rows, the other way: ``[B, T]`` (or ``[N]``; ``[1, N]`` for flat input)
+            integer; a sequence starts wherever it is 0 and at the start of each row (as
+            ``transformers`` derives the sequences from ``DataCollatorWithFlattening``'s position ids).
+        max_seqlen: with ``cu_seqlens``, the longest sequence's length (≥ it) as a python int; saves
+            the one device sync that otherwise reads it.
+
+    Packed rows: with ``cu_seqlens`` or ``position_ids`` the S sequences are the units of the loss.
+    ``student_generated``, ``alpha``, ``clip`` and ``baseline_groups`` are then ``[S]``, indexed by
+    sequence in order; the suffix scans restart at every boundary; ``reduction="none"`` gives the
+    ``[S]`` values; ``labels``, ``teacher_logprobs``, ``old_logprobs`` and the stats keep the tokens'
+    shape. The result equals, bit for bit, that of the padded ``[S, L, V]`` call (L the longest
+    sequence, the rest ``ignore_index``), value and gradient, on both backends.
 
     Returns the loss (fp32), or ``(loss, stats)``. Its backward is the REINFORCE-style gradient of
     ``docs/contract.md`` §4, ``g·κ·w·λ·(softmax(z/τ) − onehot(y))/τ``, not the derivative of the value.
     """
     # ---- validation: everything before any kernel runs ----------------------------------------
-    B, T, V_s = check.sequence_tensor("student_logits", student_logits)
-    check.tensor("labels", labels, shape=(B, T), integer=True)
+    packed = cu_seqlens is not None or position_ids is not None
+    check.not_swapped(labels, teacher_logits)
+    if packed:
+        V_s = _packed.token_shapes("student_logits", student_logits, "labels", labels, flat_ok=True)
+    else:
+        if isinstance(student_logits, Tensor) and student_logits.dim() == 2:
+            raise ValueError(f"student_logits must be [B, T, V], or flat [N, V] with cu_seqlens or position_ids "
+                             f"(ASKD's scans need the sequences), got shape {tuple(student_logits.shape)}")
+        if max_seqlen is not None:
+            raise ValueError("max_seqlen goes with cu_seqlens (or position_ids)")
+        _b, _t, V_s = check.sequence_tensor("student_logits", student_logits)
+        check.tensor("labels", labels, shape=(_b, _t), integer=True)
+    tokens = tuple(labels.shape)
     if (teacher_logits is None) == (teacher_logprobs is None):
         raise ValueError("pass exactly one of teacher_logits and teacher_logprobs")
     if teacher_logits is not None:
-        check.teacher_logits(teacher_logits, B, T)
+        check.teacher_logits(teacher_logits, tokens)
     else:
-        check.tensor("teacher_logprobs", teacher_logprobs, shape=(B, T), floating=check.LOGIT_DTYPES)
+        check.tensor("teacher_logprobs", teacher_logprobs, shape=tokens, floating=check.LOGIT_DTYPES)
+    device = student_logits.device
+    layout = None
+    if packed:
+        check.same_device(device, labels=labels)
+        layout = _packed.layout(labels, device, cu_seqlens=cu_seqlens, position_ids=position_ids,
+                                max_seqlen=max_seqlen)
     args = check_askd_options(
-        student_logits.device, labels, V_s, teachers={"teacher_logits": teacher_logits,
-                                                      "teacher_logprobs": teacher_logprobs},
+        device, labels, V_s, batch=None if layout is None else layout.num_seqs,
+        teachers={"teacher_logits": teacher_logits, "teacher_logprobs": teacher_logprobs},
         student_generated=student_generated, alpha=alpha, clip=clip, old_logprobs=old_logprobs,
         is_max=is_max, estimator=estimator, gamma=gamma, length_normalize=length_normalize,
         temperature=temperature, ignore_index=ignore_index, reduction=reduction, num_items=num_items,
         baseline_groups=baseline_groups)
 
     # ---- stages (a) + (b) in one custom op; the reduction stays in autograd-visible torch ------
+    if layout is not None:
+        n = labels.numel()
+        outputs = askd_packed_forward(
+            _packed.per_token_view(student_logits, n), args.labels.view(n, 1),
+            _packed.per_token_view(None if teacher_logits is None else teacher_logits.detach(), n),
+            None if teacher_logprobs is None else detached_fp32(teacher_logprobs).view(n, 1),
+            args.student_generated, args.alpha, args.kappa,
+            None if args.old_logprobs is None else args.old_logprobs.view(n), args.baseline_groups,
+            layout.seq_of_token, layout.slot, layout.gather, *args.op_args()[5:])
+        value, *rest = outputs
+        outputs = (value, *(x.view(*tokens, *x.shape[2:]) if x.numel() else x for x in rest))
+        return finish_askd(outputs, args, return_stats)
     outputs = askd_forward(
         student_logits, args.labels, None if teacher_logits is None else teacher_logits.detach(),
         detached_fp32(teacher_logprobs), *args.op_args())
@@ -126,14 +175,15 @@ class ASKDArgs(NamedTuple):
 
 def check_askd_options(device, labels, vocab, *, teachers, student_generated, alpha, clip, old_logprobs,
                        is_max, estimator, gamma, length_normalize, temperature, ignore_index, reduction,
-                       num_items, baseline_groups, reference="student_logits") -> ASKDArgs:
+                       num_items, baseline_groups, reference="student_logits", batch=None) -> ASKDArgs:
     """The checks every ASKD entry point shares, after its own checks of the student, ``labels``
-    (already known to be [B, T] integer) and the teacher tensors (``teachers``: name → tensor or
-    None, checked here only for their device). ``reference`` names the argument whose device is
-    ``device``; ``vocab`` is the student vocabulary the labels must lie in."""
-    B, T = labels.shape
+    (already known to be [B, T] integer, or any shape of tokens for packed rows) and the teacher
+    tensors (``teachers``: name → tensor or None, checked here only for their device). ``reference``
+    names the argument whose device is ``device``; ``vocab`` is the student vocabulary the labels
+    must lie in; ``batch`` the number of sequences, default ``labels.shape[0]`` (packed rows: S)."""
+    B = labels.shape[0] if batch is None else batch
     if old_logprobs is not None:
-        check.tensor("old_logprobs", old_logprobs, shape=(B, T), floating=check.LOGIT_DTYPES)
+        check.tensor("old_logprobs", old_logprobs, shape=labels.shape, floating=check.LOGIT_DTYPES)
     if clip is not None:
         check.tensor("clip", clip, ndim=1, shape=(B,), boolean=True)
     check.same_device(device, reference=reference, labels=labels, **teachers, old_logprobs=old_logprobs,
@@ -179,10 +229,14 @@ def finish_askd(outputs, args: ASKDArgs, return_stats: bool):
     return loss
 
 
-def _option_parameters():
+# askd_loss's packed-row arguments, which askd_loss_from_hidden does not take.
+PACKING = ("cu_seqlens", "position_ids", "max_seqlen")
+
+
+def option_parameters():
     """The keyword-only options of :func:`askd_loss` that every ASKD entry point shares (all but the
     teacher tensors), as ``inspect.Parameter`` objects: their names and defaults are askd_loss's."""
-    own = ("teacher_logprobs",)
+    own = ("teacher_logprobs",) + PACKING
     return [p for p in inspect.signature(askd_loss).parameters.values()
             if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in own]
 
@@ -190,7 +244,7 @@ def _option_parameters():
 def bind_options(function: str, options: dict) -> dict:
     """``options`` completed with :func:`askd_loss`'s defaults; a ``TypeError`` naming ``function``
     and the argument for a missing required option or an unknown one."""
-    params = {p.name: p for p in _option_parameters()}
+    params = {p.name: p for p in option_parameters()}
     unknown = sorted(set(options) - set(params))
     if unknown:
         raise TypeError(f"{function}() got an unexpected keyword argument {unknown[0]!r}")

@@ -19,7 +19,8 @@ processed ``chunk_rows(V, H)`` at a time:
 stage-(c) launcher with factor −g_t, since ∂log q_t/∂z = (onehot(y_t) − softmax(z/τ))/τ.
 
 Chunk rule (:func:`chunk_rows`): ``C = min(H, LOGITS_CHUNK_ELEMENTS // V)`` rows, at least 1, rounded down to
-a multiple of 64 (the GEMM tile) once it is ≥ 128. The budget bounds one chunk's logits to
+a multiple of 64 (the GEMM tile) once it is ≥ 128; on CPU the budget is at most
+``CPU_LOGITS_CHUNK_ELEMENTS`` (2^24) entries. The budget bounds one chunk's logits to
 ``LOGITS_CHUNK_ELEMENTS`` entries (2^27: 256 MiB in bf16), the cap ``H`` keeps a chunk's logits no larger
 than the weight itself. For Qwen2-7B (V = 152064, H = 3584) that is 832 rows, enough for the GEMM to
 be compute-bound (the weight is re-read once per chunk: C flops per byte of W). Peak extra memory is
@@ -32,6 +33,7 @@ CUDA, the chunked PyTorch stages of :mod:`askd_kernels.askd.cpu` on CPU. All thr
 ``torch.compile(fullgraph=True)`` traces through them.
 """
 import inspect
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
@@ -39,17 +41,25 @@ from torch import Tensor
 
 from .. import _checks as check
 from .._custom_op import custom_op
-from .api import askd_loss, bind_options, check_askd_options, detached_fp32, finish_askd
+from .api import option_parameters, bind_options, check_askd_options, detached_fp32, finish_askd
 from .ops import forward_fake, run_coefficients, stages
 
 # Entries of one chunk's logits (tests lower it to force several chunks on tiny shapes).
 LOGITS_CHUNK_ELEMENTS = 1 << 27
+# On CPU at most this many (2^24: 32 MiB in bf16): the CPU's GEMM is already efficient at a few
+# hundred rows (512 rows at V = 32000, 110 at V = 151936), and every chunk-sized buffer of the
+# backward — the logits, the gradient rows and their fp32 copies for the weight's GEMM (no
+# mixed-precision GEMM on CPU) — is then 8× smaller, which keeps the full step's peak below
+# eager's at every size.
+CPU_LOGITS_CHUNK_ELEMENTS = 1 << 24
 TILE_ROWS = 64
 
 
-def chunk_rows(vocab: int, hidden_size: int) -> int:
-    """Rows per chunk: ``min(H, LOGITS_CHUNK_ELEMENTS // V)``, ≥ 1, a multiple of 64 once ≥ 128."""
-    rows = max(1, min(hidden_size, LOGITS_CHUNK_ELEMENTS // max(1, vocab)))
+def chunk_rows(vocab: int, hidden_size: int, budget: Optional[int] = None) -> int:
+    """Rows per chunk: ``min(H, budget // V)`` (``budget`` = ``LOGITS_CHUNK_ELEMENTS`` by default), ≥ 1,
+    a multiple of 64 once ≥ 128."""
+    budget = LOGITS_CHUNK_ELEMENTS if budget is None else budget
+    rows = max(1, min(hidden_size, budget // max(1, vocab)))
     return rows - rows % TILE_ROWS if rows >= 2 * TILE_ROWS else rows
 
 
@@ -81,7 +91,10 @@ def _chunks(student: Head, teacher: Optional[Head]):
     both heads together."""
     B, T, H = student.hidden.shape
     vocab = student.weight.shape[0] + (0 if teacher is None else teacher.weight.shape[0])
-    step = chunk_rows(vocab, H)
+    budget = LOGITS_CHUNK_ELEMENTS
+    if student.hidden.device.type == "cpu":
+        budget = min(budget, CPU_LOGITS_CHUNK_ELEMENTS)
+    step = chunk_rows(vocab, H, budget)
     for start in range(0, B * T, step):
         yield start, min(B * T, start + step)
 
@@ -123,17 +136,23 @@ def _chunked_row_stats(student: Head, labels, teacher_logprobs, teacher: Optiona
 
 
 def _add_weight_grad(acc: Tensor, grad_rows: Tensor, rows: Tensor) -> None:
-    """``acc [V, H] (fp32) += grad_rowsᵀ @ rows`` with fp32 accumulation across chunks."""
+    """``acc [V, H] (fp32) += grad_rowsᵀ @ rows`` with fp32 accumulation across chunks, in place."""
     if grad_rows.dtype == torch.float32:
         acc.addmm_(grad_rows.T, rows)
     elif grad_rows.is_cuda:
-        # bf16/fp16 tensor-core GEMM with an fp32 result; V sliced so the fp32 temporary stays within
-        # LOGITS_CHUNK_ELEMENTS entries.
-        step = max(1, LOGITS_CHUNK_ELEMENTS // rows.shape[1])
-        for v in range(0, acc.shape[0], step):
-            acc[v:v + step].add_(torch.mm(grad_rows[:, v:v + step].T, rows, out_dtype=torch.float32))
+        # bf16/fp16 tensor-core GEMM accumulated straight into the fp32 accumulator (β = 1, fp32
+        # out_dtype): no fp32 temporary and no separate add.
+        try:
+            torch.addmm(acc, grad_rows.T, rows, out_dtype=torch.float32, out=acc)
+        except (TypeError, RuntimeError, NotImplementedError):
+            # a torch without addmm's out_dtype: the GEMM into a temporary, V sliced so that it stays
+            # within LOGITS_CHUNK_ELEMENTS entries, then added
+            step = max(1, LOGITS_CHUNK_ELEMENTS // rows.shape[1])
+            for v in range(0, acc.shape[0], step):
+                acc[v:v + step].add_(torch.mm(grad_rows[:, v:v + step].T, rows, out_dtype=torch.float32))
     else:
-        # CPU has no mixed-precision GEMM: fp32 copies of this chunk's operands (O(C·V)).
+        # CPU has no mixed-precision GEMM: fp32 copies of this chunk's operands (O(C·V)), then addmm_
+        # into the accumulator.
         acc.addmm_(grad_rows.T.float(), rows.float())
 
 
@@ -332,35 +351,51 @@ def _check_head(hidden, weight, bias, names):
     return B, T, V
 
 
-def token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
-                   temperature: float = 1.0, ignore_index: int = -100) -> Tensor:
-    """``log softmax((hidden @ weight.T + bias)/τ)[labels]`` per token, without materialising logits.
+def token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, lm_head_bias: Optional[Tensor] = None,
+                   temperature: float = 1.0, ignore_index: int = -100, bias: Optional[Tensor] = None) -> Tensor:
+    """``log softmax((hidden @ weight.T + lm_head_bias)/τ)[labels]`` per token, without materialising logits.
 
     Args:
-        hidden: ``[B, T, H]`` fp32/bf16/fp16, any strides.
+        hidden: ``[B, T, H]`` fp32/bf16/fp16, any strides; or flat ``[N, H]`` with ``[N]`` labels.
         weight: ``[V, H]``, the same dtype and device (an lm_head's weight).
         labels: ``[B, T]`` integer. Positions equal to ``ignore_index`` give 0 and no gradient (as
             the ``log_q`` stat of ``askd_loss``); other labels must be in ``[0, V)`` (checked for
             CPU tensors; on CUDA an out-of-range label gives NaN, as in ``askd_loss``).
-        bias: optional ``[V]``, the same dtype.
+        lm_head_bias: optional ``[V]``, the same dtype (the name ``askd_loss_from_hidden`` uses).
         temperature: τ > 0 applied to the logits.
+        bias: the old name of ``lm_head_bias``; still accepted, with a ``DeprecationWarning``.
 
-    Returns fp32 ``[B, T]``, differentiable w.r.t. ``hidden``, ``weight`` and ``bias`` (gradients in
-    their dtype; ``grad_weight``/``grad_bias`` accumulated in fp32). Typical uses: the teacher's
+    Returns fp32 ``[B, T]`` (``[N]`` for flat input), differentiable w.r.t. ``hidden``, ``weight``
+    and ``lm_head_bias`` (gradients in their dtype; ``grad_weight``/``grad_bias`` accumulated in
+    fp32). Typical uses: the teacher's
     ``teacher_logprobs`` for :func:`askd_loss_from_hidden` (under ``torch.no_grad()``), or the
     policy log-probs of RL objectives. Logits are computed in chunks in the inputs' dtype (see the
     module docstring); the result matches ``log_softmax`` of the materialised logits in that dtype
     with everything after the GEMM in fp32.
     """
-    B, T, V = _check_head(hidden, weight, bias, ("hidden", "weight", "bias"))
+    bias_name = "lm_head_bias"
+    if bias is not None:
+        if lm_head_bias is not None:
+            raise TypeError("token_logprobs() got both lm_head_bias and bias (its old name); pass lm_head_bias")
+        warnings.warn("token_logprobs(bias=...) is deprecated: the argument is now lm_head_bias, as in "
+                      "askd_loss_from_hidden", DeprecationWarning, stacklevel=2)
+        lm_head_bias, bias_name = bias, "bias"
+    flat = isinstance(hidden, Tensor) and hidden.dim() == 2
+    if flat:  # [N, H] with [N] labels: one row of N tokens
+        check.tensor("labels", labels, integer=True)
+        if tuple(labels.shape) != tuple(hidden.shape[:1]):
+            raise ValueError(f"hidden is flat [N={hidden.shape[0]}, H] so labels must have shape "
+                             f"({hidden.shape[0]},), got {tuple(labels.shape)}")
+        hidden, labels = hidden.unsqueeze(0), labels.unsqueeze(0)
+    B, T, V = _check_head(hidden, weight, lm_head_bias, ("hidden", "weight", bias_name))
     check.tensor("labels", labels, shape=(B, T), integer=True)
     check.same_device(hidden.device, reference="hidden", labels=labels)
     temperature = check.temperature(temperature)
     check.integer("ignore_index", ignore_index)
     check.labels_in_vocab(labels, ignore_index, V, vocabulary="the rows of weight")
-    log_q, _lse = linear_logprobs_forward(hidden, weight, bias, check.index_labels(labels), temperature,
+    log_q, _lse = linear_logprobs_forward(hidden, weight, lm_head_bias, check.index_labels(labels), temperature,
                                           ignore_index)
-    return log_q
+    return log_q.view(-1) if flat else log_q
 
 
 def askd_loss_from_hidden(
@@ -423,5 +458,4 @@ def askd_loss_from_hidden(
 # help() and IDEs show the options askd_loss_from_hidden forwards, with askd_loss's defaults.
 askd_loss_from_hidden.__signature__ = inspect.Signature(
     [p for p in inspect.signature(askd_loss_from_hidden).parameters.values() if p.kind is not p.VAR_KEYWORD]
-    + [p for p in inspect.signature(askd_loss).parameters.values()
-       if p.kind is p.KEYWORD_ONLY and p.name != "teacher_logprobs"])
+    + option_parameters())

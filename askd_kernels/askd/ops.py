@@ -168,3 +168,89 @@ def askd_forward(
                                         ignore_index, fv_value=fv_value)
     per_token = (x.view(labels.shape) for x in (log_q, log_ratio, lam, coef))
     return (value, *per_token, lse.view(*labels.shape, 2), *extra)
+
+
+# ---- packed rows: per-token stages on the tokens, the coefficient stage on the [S, L] layout ------------
+
+class _Layout:
+    """The index maps of :class:`askd_kernels._packed.Layout` as the packed op receives them."""
+
+    def __init__(self, seq_of_token, slot, gather):
+        self.seq_of_token, self.slot, self.gather = seq_of_token, slot, gather
+
+    def to_sequences(self, per_token, fill):
+        return torch.cat([per_token.reshape(-1), per_token.new_full((1,), fill)])[self.gather]
+
+    def to_tokens(self, per_place):
+        return per_place.reshape(-1)[self.slot]
+
+
+def _packed_forward_fake(student_logits, labels, teacher_logits, teacher_logprobs, student_generated, alpha, kappa,
+                         old_logprobs, baseline_groups, seq_of_token, slot, gather, w_max, estimator, *_options):
+    value, *rest = forward_fake(labels, estimator == "rao_blackwell")
+    return (value.new_empty(gather.shape[0]), *rest)
+
+
+def _packed_setup_context(ctx, inputs, output):
+    (student_logits, labels, teacher_logits, _tlp, student_generated, alpha, kappa, _old, _groups, seq_of_token,
+     _slot, _gather, _w_max, estimator, _gamma, _norm, temperature, ignore_index) = inputs
+    _value, _log_q, _log_ratio, _lam, coef, lse, lse_t, fv_sum = output
+    ctx.save_for_backward(student_logits, labels, teacher_logits, coef, lse, lse_t, fv_sum, alpha,
+                          student_generated, kappa, seq_of_token)
+    ctx.options = (estimator, temperature, ignore_index)
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _packed_backward(ctx, grad_value, *_unused_grads):
+    if not ctx.needs_input_grad[0]:
+        return (None,)
+    student_logits, labels, teacher_logits, coef, lse, lse_t, fv_sum, alpha, sgo, kappa, seq = ctx.saved_tensors
+    estimator, temperature, ignore_index = ctx.options
+    # Every token is its own row: its sequence's upstream gradient, α, flag and κ, gathered per token.
+    grad_token = grad_value.float()[seq]
+    if estimator == "rao_blackwell":
+        return (askd_full_vocab_backward(student_logits, labels, teacher_logits, coef, lse, lse_t, fv_sum, alpha[seq],
+                                         sgo[seq], kappa[seq], grad_token, temperature, ignore_index),)
+    return (askd_backward(student_logits, labels, coef, lse, grad_token, temperature),)
+
+
+@custom_op("askd_packed_forward", fake=_packed_forward_fake, backward=_packed_backward,
+           setup_context=_packed_setup_context)
+def askd_packed_forward(
+    student_logits: Tensor, labels: Tensor, teacher_logits: Optional[Tensor],
+    teacher_logprobs: Optional[Tensor], student_generated: Tensor, alpha: Tensor, kappa: Tensor,
+    old_logprobs: Optional[Tensor], baseline_groups: Optional[Tensor], seq_of_token: Tensor, slot: Tensor,
+    gather: Tensor, w_max: float, estimator: str, gamma: float, length_normalize: bool, temperature: float,
+    ignore_index: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Stages (a)+(b) of packed rows: ``askd_forward`` with the N tokens as ``[N, 1, V]`` rows
+    (``labels``, ``teacher_logprobs`` ``[N, 1]``, ``old_logprobs`` ``[N]``) and the per-sequence
+    ``student_generated``, ``alpha``, ``kappa``, ``baseline_groups`` ``[S]``. Stage (a) runs per token
+    (rao_blackwell's α, flag and κ gathered per token); its fp32 statistics are moved to the ``[S, L]``
+    layout of ``gather`` (token index, N past the end) for stage (b) — exactly the inputs stage (b)
+    gets from the padded ``[S, L]`` call — and its λ and coefficients moved back with ``slot``.
+    Returns ``value [S]`` and the per-token outputs of ``askd_forward`` with ``[N, 1]`` in place of
+    ``[B, T]``."""
+    stage = stages(student_logits.device)
+    maps = _Layout(seq_of_token, slot, gather)
+    fv_value = None
+    if estimator == "rao_blackwell":
+        log_q, log_ratio, lse, lse_t, fv_value, fv_sum = stage.full_vocab_row_stats(
+            student_logits, labels, teacher_logits, alpha[seq_of_token], student_generated[seq_of_token],
+            kappa[seq_of_token], temperature=temperature, ignore_index=ignore_index)
+        extra = (lse_t.view(*labels.shape, 2), fv_sum.view(labels.shape))
+        fv_value = maps.to_sequences(fv_value, 0.0).reshape(-1)
+    else:
+        log_q, log_ratio, lse = stage.row_stats(
+            student_logits, labels, teacher_logits, teacher_logprobs,
+            temperature=temperature, ignore_index=ignore_index)
+        extra = forward_fake(labels)[6:]
+    # Ignored positions of the padded call hold ignore_index and zero statistics: so do the pads here.
+    seq_labels = maps.to_sequences(labels, ignore_index)
+    seq_log_q = maps.to_sequences(log_q, 0.0).reshape(-1)
+    seq_old = None if old_logprobs is None else maps.to_sequences(old_logprobs, 0.0)
+    lam, coef, value = run_coefficients(stage, seq_log_q, maps.to_sequences(log_ratio, 0.0).reshape(-1), seq_labels,
+                                        student_generated, alpha, kappa, seq_old, baseline_groups, w_max, estimator,
+                                        gamma, length_normalize, ignore_index, fv_value=fv_value)
+    per_token = (x.view(labels.shape) for x in (log_q, log_ratio, maps.to_tokens(lam), maps.to_tokens(coef)))
+    return (value, *per_token, lse.view(*labels.shape, 2), *extra)

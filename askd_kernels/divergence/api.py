@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks as check
+from .. import _packed
 from .ops import divergence_forward
 from .triton import KINDS
 
@@ -17,6 +18,13 @@ def _log_weights(kind, alpha, beta, batch, device):
         return torch.stack([torch.log(alpha), torch.log1p(-alpha)], dim=1)
     pair = (math.log1p(-beta), math.log(beta)) if kind == "jsd" else (0.0, 0.0)  # jsd: M = β p + (1−β) q
     return torch.tensor(pair, dtype=torch.float32, device=device).expand(batch, 2).contiguous()
+
+
+def _packed_sum(values, layout):
+    """Σ of the per-token values summed as the padded ``[S, L]`` call sums them (its value tensor, 0
+    at the pads): the same float additions in the same order, so the reduced loss is bit-identical."""
+    padded = torch.zeros(layout.num_seqs * layout.max_len, dtype=values.dtype, device=values.device)
+    return padded.index_put((layout.slot,), values.reshape(-1)).sum()
 
 
 def divergence_loss(
@@ -32,6 +40,9 @@ def divergence_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     num_items: Optional[Union[int, float, Tensor]] = None,
+    cu_seqlens: Optional[Tensor] = None,
+    position_ids: Optional[Tensor] = None,
+    max_seqlen: Optional[int] = None,
 ) -> Tensor:
     """A full-vocabulary divergence between the student q = softmax(z/τ) and the teacher p = softmax(w/τ).
 
@@ -47,7 +58,8 @@ def divergence_loss(
 
     Args:
         student_logits: ``[B, T, V_s]`` fp32/bf16/fp16, any strides; the only input that receives a
-            gradient (in its own dtype).
+            gradient (in its own dtype). Flat ``[N, V_s]`` (with ``[N, V_t]`` and ``[N]`` labels, as
+            Liger and TRL pass them) is one row of N tokens.
         teacher_logits: ``[B, T, V_t]`` fp32/bf16/fp16, any strides; detached.
         labels: ``[B, T]``, any integer dtype; only compared with ``ignore_index`` (ignored
             positions take no part: value 0, gradient 0, not counted by ``"mean"``). The label
@@ -67,16 +79,32 @@ def divergence_loss(
             one-element tensor (checked > 0 on CPU; on CUDA or under ``torch.compile`` a tensor
             ≤ 0 gives ±inf/NaN, it is never clamped). Default: the number of valid labels (a device
             tensor, no sync); an all-ignored batch then gives 0.
+        cu_seqlens, position_ids, max_seqlen: packed rows, as for :func:`askd_kernels.askd_loss`:
+            the S sequences are then what ``alpha`` and ``clip`` (``[S]``) index. Every value is per
+            token, so the boundaries matter only for those two; ``"none"`` keeps the tokens' shape.
+            The result equals, bit for bit, that of the padded ``[S, L, V]`` call (value, reduced
+            loss and gradient).
 
     Returns the fp32 loss; its backward is the exact derivative of the value w.r.t. the student
     logits. The forward keeps O(B·T) memory (nothing of size tokens × vocab); the backward allocates
     only the gradient.
     """
     # ---- validation: everything before any kernel runs ----------------------------------------
-    B, T, V_s = check.sequence_tensor("student_logits", student_logits)
+    check.not_swapped(labels, teacher_logits)
+    _packed.token_shapes("student_logits", student_logits, "labels", labels, flat_ok=True)
+    tokens = tuple(labels.shape)
     device = student_logits.device
-    check.teacher_logits(teacher_logits, B, T)
-    check.tensor("labels", labels, shape=(B, T), integer=True)
+    check.teacher_logits(teacher_logits, tokens)
+    layout = None
+    if cu_seqlens is not None or position_ids is not None:
+        check.same_device(device, labels=labels)
+        layout = _packed.layout(labels, device, cu_seqlens=cu_seqlens, position_ids=position_ids,
+                                max_seqlen=max_seqlen)
+        B = layout.num_seqs
+    elif max_seqlen is not None:
+        raise ValueError("max_seqlen goes with cu_seqlens (or position_ids)")
+    else:
+        B = labels.shape[0] if labels.dim() == 2 else 1
     check.choice("kind", kind, tuple(KINDS))
     if kind in ("skl", "srkl") and alpha is None:
         raise ValueError(f"alpha is required for kind={kind!r} (the student's weight in the mixture)")
@@ -93,6 +121,25 @@ def divergence_loss(
 
     kappa = torch.where(clip, 0.0, 1.0) if clip is not None else torch.ones(B, device=device)
     labels = check.index_labels(labels)  # any integer dtype → contiguous int64 (exact ignore_index test)
+    kappa = kappa.float()
+    if layout is not None:
+        # Every token its own row [N, 1, V]; per-sequence κ and weights gathered per token.
+        n = labels.numel()
+        value, _row_sum, _lse_s, _lse_t = divergence_forward(
+            _packed.per_token_view(student_logits, n), _packed.per_token_view(teacher_logits.detach(), n),
+            labels.view(n, 1), kappa[layout.seq_of_token].contiguous(), log_w[layout.seq_of_token].contiguous(),
+            kind, temperature, ignore_index)
+        value = value.view(tokens)
+        if reduction == "none":
+            return value
+        total = _packed_sum(value, layout)
+        return total if reduction == "sum" else check.apply_reduction(total.view(1), labels, ignore_index,
+                                                                      "mean", num_items)
+    if labels.dim() == 1:  # flat [N, V]: one row of N tokens
+        value, _row_sum, _lse_s, _lse_t = divergence_forward(
+            student_logits.unsqueeze(0), teacher_logits.detach().unsqueeze(0), labels.view(1, -1), kappa, log_w,
+            kind, temperature, ignore_index)
+        return check.apply_reduction(value.view(tokens), labels, ignore_index, reduction, num_items)
     value, _row_sum, _lse_s, _lse_t = divergence_forward(
-        student_logits, teacher_logits.detach(), labels, kappa.float(), log_w, kind, temperature, ignore_index)
+        student_logits, teacher_logits.detach(), labels, kappa, log_w, kind, temperature, ignore_index)
     return check.apply_reduction(value, labels, ignore_index, reduction, num_items)
