@@ -17,8 +17,10 @@ setup(
     # torch is deliberately unpinned: CI installs the CPU wheel first so pip never pulls a CUDA build.
     install_requires=["torch>=2.4", "triton>=3.2"],
     extras_require={
+        # trl: tests/test_trl_integration.py runs TRL's GKDTrainer; it pulls datasets/pandas/pyarrow but no torch
+        # (accelerate's torch>=2.0 is met by the CPU wheel installed first). TRL 1.16 needs Python >= 3.11.
         "test": ["pytest>=8", "hypothesis>=6.100", "pytest-benchmark>=4", "numpy", "matplotlib", "transformers>=4.46",
-                 "accelerate"],
+                 "accelerate", "trl>=1.16; python_version >= '3.11'"],
         "bench": ["pytest-benchmark>=4", "tqdm", "matplotlib"],
         "examples": ["transformers>=4.46", "matplotlib", "tqdm"],
     },

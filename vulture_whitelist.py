@@ -12,3 +12,7 @@ hf.__getattr__                  # module hook: ASKDTrainer is created lazily (tr
 _.compute_loss                  # noqa: F821 - Trainer hook overridden by ASKDTrainer
 _.num_items_in_batch            # noqa: F821 - Trainer hook's argument
 askd_loss_from_hidden.__signature__  # read by inspect.signature / help()
+_.loss_is_scaled_for_ga         # noqa: F821 - Trainer class attribute, read by transformers' training_step
+_.get_batch_samples             # noqa: F821 - Trainer hook overridden by ASKDTrainer (rollout micro-batches, token count)
+_.routed_calls                  # noqa: F821 - counters on a routed TRL generalized_jsd_loss, for users and tests
+_.fallback_calls                # noqa: F821 - the same: calls passed on to TRL's own implementation

@@ -31,6 +31,7 @@ replaced by ``pad_token_id`` and masked out of attention). The loss aligns ``log
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, fields
 from typing import Callable, Dict, List, Optional, Sequence
@@ -45,7 +46,7 @@ from ..skew import skew_from_rewards
 
 LOSSES = ("askd", "full_vocab", "grpo", "sft")
 ESTIMATORS = ("auto", "exact", "rao_blackwell", "paper", "sequence")
-# The signature of a too-small rollout (issue 11): the SGO part of the gradient is at least
+# The signature of a too-small rollout: the SGO part of the gradient is at least
 # GRAD_SPLIT_RATIO times the TGO part and nearly orthogonal to it (cosine below GRAD_SPLIT_COSINE).
 GRAD_SPLIT_RATIO = 3.0
 GRAD_SPLIT_COSINE = 0.2
@@ -83,6 +84,10 @@ class ASKDConfig:
     training ``compute_loss`` of ``ASKDTrainer``) take the parameter gradients of the TGO part and
     of the SGO part of the loss separately (one forward, two backward passes) and log their norms
     and cosine; see :meth:`ASKDDistiller.epoch` for the keys.
+
+    ``sample_every`` is read by ``ASKDTrainer`` only: the optimizer steps between two rollouts (the
+    paper's epoch; default ``iterations``, i.e. one step per pass). ``micro_batch_size`` also chunks
+    the no-grad log-prob forwards at sampling time.
     """
     # sampling
     group_size: int = 4                 # responses per prompt and source; 1 = batch-normalised rewards
@@ -106,19 +111,28 @@ class ASKDConfig:
     # loss options (passed to askd_loss / divergence_loss)
     estimator: str = "auto"             # "auto": rao_blackwell when the teacher model is at hand, else exact
     baseline: bool = False              # leave-one-out baseline over the SGOs of a prompt (batch["prompt_index"])
-    gamma: float = 1.0
+    gamma: float = 0.5                  # discount of the future return: the recipe's 0.5 (docs/integration.md);
+                                        # 1.0 is the paper's undiscounted objective, 0 the token-level loss
     length_normalize: bool = False
     temperature: float = 1.0
     ignore_index: int = -100
     collect_lambda: bool = False        # keep the per-token λ of TGOs / SGOs (the paper's Fig. 1(b))
     # diagnostics
     log_grad_split: bool = False        # per step: ‖∇ TGO part‖, ‖∇ SGO part‖, their cosine (one more backward)
+    # ASKDTrainer only
+    sample_every: Optional[int] = None  # optimizer steps per rollout (the paper's epoch); None: `iterations`
 
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        if self.group_size < 1 or self.iterations < 1 or self.max_new_tokens < 1:
-            raise ValueError("group_size, iterations and max_new_tokens must be >= 1")
+        for name in ("group_size", "iterations", "max_new_tokens", "sample_every"):
+            value = getattr(self, name)
+            if name == "sample_every" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1{' or None' if name == 'sample_every' else ''}, "
+                                 f"got {value!r}")
+            setattr(self, name, int(value))
         if not (self.use_teacher_outputs or self.use_student_outputs):
             raise ValueError("use at least one of teacher / student outputs")
         if self.loss == "sft" and not self.use_teacher_outputs:
@@ -486,13 +500,65 @@ class ASKDDistiller:
         if rewards.shape != (ids.shape[0],):
             raise ValueError(f"reward_fn returned {tuple(rewards.shape)} rewards for {ids.shape[0]} responses")
         alpha, clip, adv = assign_skew(rewards, sgo, c)
-        mb = c.micro_batch_size
-        tlp = sequence_token_logprobs(self.teacher, ids, mask, labels, ignore_index=c.ignore_index, micro_batch_size=mb)
+        tlp = self.logprobs(self.teacher, ids, mask, labels)
         old = None
         if c.importance_sampling and sgo.any() and c.loss in ("askd", "grpo"):
-            old = sequence_token_logprobs(self.student, ids, mask, labels, ignore_index=c.ignore_index,
-                                          micro_batch_size=mb)
+            old = self.logprobs(self.student, ids, mask, labels)
         return Rollouts(ids, mask, labels, sgo, pidx, rewards, alpha, clip, adv, old, tlp)
+
+    def logprobs(self, model, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+        """:func:`sequence_token_logprobs` of ``model`` in eval mode (the mode ``generate`` samples in,
+        so dropout never enters the stored log-probs), in chunks of ``config.micro_batch_size`` rows."""
+        was_training = model.training
+        model.eval()
+        try:
+            return sequence_token_logprobs(model, input_ids, attention_mask, labels,
+                                           ignore_index=self.config.ignore_index,
+                                           micro_batch_size=self.config.micro_batch_size)
+        finally:
+            model.train(was_training)
+
+    @torch.no_grad()
+    def rollout_stats(self, rollouts: Rollouts) -> Dict[str, float]:
+        """What to watch in a rollout, at sampling time: per source (``tgo``, ``sgo``) the mean
+        ``reward_*``, ``alpha_*`` and ``length_*`` (label tokens, EOS included); ``clip_frac`` (the
+        share of SGOs with κ = 0); and per-token Monte-Carlo estimates of the divergences, from the
+        stored teacher log-probs and the sampling student's (``old_logprobs``, or one more no-grad
+        student forward when they are not stored): ``fkl_tgo`` = mean of log p − log q over TGO tokens
+        (KL(p‖q) per token: TGOs are samples of p), ``skl_tgo`` = mean of log p − log m, ``rkl_sgo`` =
+        mean of log q − log p over SGO tokens (KL(q‖p)), ``srkl_sgo`` = mean of log q − log m, with
+        m = α q + (1 − α) p at each row's α. Unlike the loss value (a surrogate whose value can be
+        negative), these estimate divergences: they fall as the student approaches the teacher.
+        """
+        r, ig = rollouts, self.config.ignore_index
+        out: Dict[str, float] = {}
+        sgo = r.student_generated
+        valid = r.labels != ig
+        lq = r.old_logprobs
+        if lq is None:
+            lq = self.logprobs(self.student, r.input_ids, r.attention_mask, r.labels)
+        lp = r.teacher_logprobs
+        if lp is None:
+            lp = self.logprobs(self.teacher, r.input_ids, r.attention_mask, r.labels)
+        lq, lp = lq.double(), lp.double()
+        a = r.alpha.double()[:, None]
+        log_m = torch.logaddexp(torch.log(a) + lq, torch.log1p(-a) + lp)     # α = 0 or 1: log 0 = −inf is fine
+        for name, rows in (("tgo", ~sgo), ("sgo", sgo)):
+            if not rows.any():
+                continue
+            out[f"reward_{name}"] = r.rewards[rows].mean().item()
+            out[f"alpha_{name}"] = r.alpha[rows].mean().item()
+            out[f"length_{name}"] = valid[rows].sum(1).double().mean().item()
+            tokens = valid & rows[:, None]
+            n = tokens.sum().clamp(min=1)
+            if name == "tgo":      # samples of p: log p/q and log p/m
+                pairs = (("fkl_tgo", lp - lq), ("skl_tgo", lp - log_m))
+            else:                  # samples of q: log q/p and log q/m
+                pairs = (("rkl_sgo", lq - lp), ("srkl_sgo", lq - log_m))
+            for key, d in pairs:
+                out[key] = (torch.where(tokens, d, 0.0).sum() / n).item()
+        out["clip_frac"] = r.clip[sgo].float().mean().item() if sgo.any() else 0.0
+        return out
 
     # -- 4: optimisation ---------------------------------------------------------------------------
     def optimize(self, rollouts: Rollouts) -> Dict[str, float]:
@@ -525,7 +591,7 @@ class ASKDDistiller:
                                                     return_stats=True)
                     loss.backward()
                 if want and stats is not None:
-                    self._lambda_stats(batch, stats, lam_acc)
+                    accumulate_lambda(batch, stats, lam_acc, c, self.lambdas)
                 max_norm = c.max_grad_norm if c.max_grad_norm else float("inf")
                 step["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
                 if c.log_grad_split:     # the TGO part's norm as a fraction of the step's (clipping scales both)
@@ -538,24 +604,8 @@ class ASKDDistiller:
         out.update({f"{k}_mean" if k == "loss" else k: v for k, v in _mean_steps(self.step_log).items()})
         if c.max_grad_norm:
             out["grad_clip_frac"] = sum(st["grad_norm"] > c.max_grad_norm for st in self.step_log) / len(self.step_log)
-        for name, (n, s1, s2) in lam_acc.items():
-            n, s1, s2 = float(n), float(s1), float(s2)
-            if n:
-                out[f"lam_{name}_mean"] = s1 / n
-                out[f"lam_{name}_std"] = math.sqrt(max(s2 / n - (s1 / n) ** 2, 0.0))
+        out.update(lambda_summary(lam_acc))
         return out
-
-    def _lambda_stats(self, batch, stats, acc):
-        valid = batch["labels"][:, 1:] != self.config.ignore_index
-        sgo = batch["student_generated"].bool()[:, None]
-        clip = batch.get("clip", torch.zeros_like(batch["student_generated"])).bool()[:, None]
-        lam = stats["lam"].detach()
-        for name, mask in (("tgo", valid & ~sgo), ("sgo", valid & sgo & ~clip)):   # clipped SGOs: no gradient
-            x = lam[mask].double()
-            old = acc.get(name, (0, 0, 0))
-            acc[name] = (old[0] + x.numel(), old[1] + x.sum(), old[2] + (x * x).sum())
-            if self.config.collect_lambda:
-                self.lambdas[name].append(x.float().cpu())
 
     def epoch(self, prompt_ids: Tensor, prompt_mask: Optional[Tensor] = None) -> Dict[str, float]:
         """One epoch of Algorithm 1: sample, score, then T optimisation iterations. Returns stats.
@@ -563,25 +613,50 @@ class ASKDDistiller:
         The keys (means over the epoch's optimisation steps where per step; ``docs/integration.md``
         has the table): ``loss_first``, ``loss_last``, ``loss_mean``; ``grad_norm`` (before
         clipping), ``grad_clip_frac``; with ``log_grad_split`` ``grad_norm_tgo``, ``grad_norm_sgo``,
-        ``grad_cos_tgo_sgo``, ``grad_ratio_sgo_tgo`` and ``grad_tgo_share``; ``reward_*``, ``alpha_*``,
-        ``length_*`` per source; ``clip_frac``; ``lam_tgo_mean/std``, ``lam_sgo_mean/std``
+        ``grad_cos_tgo_sgo``, ``grad_ratio_sgo_tgo`` and ``grad_tgo_share``; the rollout's
+        :meth:`rollout_stats` (``reward_*``, ``alpha_*``, ``length_*`` per source, ``clip_frac``,
+        the divergence estimates ``fkl_tgo``, ``skl_tgo``, ``rkl_sgo``, ``srkl_sgo``);
+        ``lam_tgo_mean/std``, ``lam_sgo_mean/std``
         (``"askd"``, ``"grpo"``). Warns once per distiller when the SGO part of the gradient is at
         least 3× the TGO part and their cosine is below 0.2 (the signature of a rollout too small for
         the estimator)."""
         r = self.sample(prompt_ids, prompt_mask)
+        rollout = self.rollout_stats(r)            # at sampling time: the policy that sampled
         out = self.optimize(r)
-        sgo = r.student_generated
-        for name, rows in (("tgo", ~sgo), ("sgo", sgo)):
-            if rows.any():
-                out[f"reward_{name}"] = r.rewards[rows].mean().item()
-                out[f"alpha_{name}"] = r.alpha[rows].mean().item()
-                out[f"length_{name}"] = (r.labels[rows] != self.config.ignore_index).sum(1).float().mean().item()
-        out["clip_frac"] = r.clip[sgo].float().mean().item() if sgo.any() else 0.0
+        out.update(rollout)
         if not self._warned and grad_split_alarm(out):
             self._warned = True
             warnings.warn(grad_split_message(out, self.config.resolved_estimator(True)), GradientSplitWarning,
                           stacklevel=2)
         return out
+
+
+def accumulate_lambda(batch: Dict[str, Tensor], stats: Dict[str, Tensor], acc: Dict, config: ASKDConfig,
+                      lambdas: Optional[Dict[str, List[Tensor]]] = None) -> None:
+    """Add a step's per-token λ (``stats["lam"]`` of :func:`askd_loss`) to the running (count, sum,
+    sum of squares) of ``acc`` per source — TGO tokens and tokens of unclipped SGOs (clipped ones
+    take no gradient) — and, with ``config.collect_lambda``, append the values to ``lambdas``."""
+    valid = batch["labels"][:, 1:] != config.ignore_index
+    sgo = batch["student_generated"].bool()[:, None]
+    clip = batch.get("clip", torch.zeros_like(batch["student_generated"])).bool()[:, None]
+    lam = stats["lam"].detach()
+    for name, mask in (("tgo", valid & ~sgo), ("sgo", valid & sgo & ~clip)):
+        x = lam[mask].double()
+        old = acc.get(name, (0, 0, 0))
+        acc[name] = (old[0] + x.numel(), old[1] + x.sum(), old[2] + (x * x).sum())
+        if config.collect_lambda and lambdas is not None:
+            lambdas[name].append(x.float().cpu())
+
+
+def lambda_summary(acc: Dict) -> Dict[str, float]:
+    """``lam_{tgo,sgo}_{mean,std}`` from the running sums of :func:`accumulate_lambda`."""
+    out = {}
+    for name, (n, s1, s2) in acc.items():
+        n, s1, s2 = float(n), float(s1), float(s2)
+        if n:
+            out[f"lam_{name}_mean"] = s1 / n
+            out[f"lam_{name}_std"] = math.sqrt(max(s2 / n - (s1 / n) ** 2, 0.0))
+    return out
 
 
 class GradientSplitWarning(UserWarning):
@@ -657,47 +732,264 @@ def askd_collate(features: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
     return {k: torch.stack([f[k] for f in features]) for k in features[0]}
 
 
+def rollout_prompts_per_sample(config: ASKDConfig, rows_per_step: int) -> int:
+    """Prompts per rollout of :class:`ASKDTrainer`: its ``iterations`` passes over the rollout fill
+    exactly ``sample_every`` optimizer steps of ``rows_per_step`` rows (per-device batch ×
+    gradient accumulation), so ``prompts × group_size × sources × iterations = sample_every ×
+    rows_per_step``. ``ValueError`` naming the arguments when that has no whole solution."""
+    every = config.sample_every or config.iterations
+    sources = int(config.use_teacher_outputs) + int(config.use_student_outputs and config.loss != "sft")
+    rows = every * rows_per_step
+    per_prompt = config.iterations * config.group_size * sources
+    if rows % per_prompt:
+        raise ValueError(
+            f"ASKDTrainer: sample_every x per_device_train_batch_size x gradient_accumulation_steps "
+            f"(= {every} x {rows_per_step} rows = {rows}) must be a multiple of iterations x group_size x sources "
+            f"(= {config.iterations} x {config.group_size} x {sources} = {per_prompt}): each rollout of P prompts "
+            f"gives P x group_size x sources rows, seen `iterations` times in `sample_every` steps")
+    return rows // per_prompt
+
+
+class _RolloutBatchSampler:
+    """Batches of ``batch`` prompt indices, each yielded ``repeat`` times in a row (one per
+    micro-batch drawn from its rollout); reshuffled at every pass over the prompts unless
+    ``shuffle`` is off; an incomplete last batch is dropped."""
+
+    def __init__(self, n: int, batch: int, repeat: int, shuffle: bool, seed: int):
+        self.n, self.batch, self.repeat, self.shuffle, self.seed = n, batch, repeat, shuffle, seed
+        self.passes = 0
+
+    def __len__(self):
+        return (self.n // self.batch) * self.repeat
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.passes)).tolist()
+        else:
+            order = list(range(self.n))
+        self.passes += 1
+        for b in range(self.n // self.batch):
+            chunk = order[b * self.batch:(b + 1) * self.batch]
+            for _ in range(self.repeat):
+                yield chunk
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """``(index, row)`` pairs of a dataset: the rollout is keyed by its prompts' indices."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return i, self.dataset[i]
+
+
+def prompt_collate(features, *, pad_token_id: int) -> Dict[str, Tensor]:
+    """Left-pad prompt rows into ``prompt_ids`` / ``prompt_mask`` ``[P, L]`` (what ``generate``
+    wants). A row is a dict with ``input_ids`` (a list or 1-D tensor of token ids) and optionally
+    ``attention_mask``."""
+    rows = []
+    for f in features:
+        if not isinstance(f, dict) or "input_ids" not in f:
+            got = sorted(f) if isinstance(f, dict) else type(f).__name__
+            raise TypeError(f"train_dataset: an ASKDTrainer prompt row is a dict with 'input_ids', got {got}")
+        ids = torch.as_tensor(f["input_ids"], dtype=torch.long)
+        if ids.ndim != 1 or ids.numel() == 0:
+            raise TypeError(f"train_dataset: prompt input_ids must be a non-empty 1-D sequence, got shape "
+                            f"{tuple(ids.shape)}")
+        mask = f.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask, dtype=torch.long)
+        rows.append((ids, mask))
+    L = max(ids.numel() for ids, _ in rows)
+    return {"prompt_ids": torch.stack([F.pad(ids, (L - ids.numel(), 0), value=pad_token_id) for ids, _ in rows]),
+            "prompt_mask": torch.stack([F.pad(mask, (L - mask.numel(), 0), value=0) for _, mask in rows])}
+
+
+def _keyed_prompt_collate(features, *, pad_token_id: int) -> Dict[str, Tensor]:
+    """:func:`prompt_collate` of ``(index, row)`` pairs, plus ``prompt_key``: the rows' indices."""
+    out = prompt_collate([row for _, row in features], pad_token_id=pad_token_id)
+    out["prompt_key"] = torch.tensor([i for i, _ in features])
+    return out
+
+
 def _make_trainer_class():
+    import functools
+    import sys
+
     from transformers import Trainer  # optional dependency, imported lazily
+    from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     class ASKDTrainer(Trainer):
-        """``transformers.Trainer`` whose ``compute_loss`` is :func:`compute_askd_loss`.
+        """``transformers.Trainer`` that runs Algorithm 1: sampling, rewards, α and κ, stored
+        log-probs, ``iterations`` passes — with :func:`compute_askd_loss` as its ``compute_loss``.
 
-        ``ASKDTrainer(model=student, teacher_model=teacher, askd_config=ASKDConfig(...), args=...,
-        train_dataset=..., data_collator=askd_collate)``; the dataset yields dicts with the keys of
-        :meth:`Rollouts.batch` (use ``remove_unused_columns=False`` in the arguments). Sampling is not
-        the Trainer's job: build the dataset from :meth:`ASKDDistiller.sample`.
+        **On-policy** (``reward_fn`` given): ``train_dataset`` holds prompts (rows ``{"input_ids":
+        [...]}``, unpadded, optionally ``attention_mask``). Every ``askd_config.sample_every``
+        optimizer steps (default ``iterations``) — the paper's epoch — the trainer takes the next P
+        prompts, samples ``group_size`` TGOs and SGOs per prompt from the *current* teacher and
+        student (:meth:`ASKDDistiller.sample`, the same code as the distiller), scores them, and
+        trains ``iterations`` shuffled passes over them in micro-batches of
+        ``per_device_train_batch_size`` rows, ``gradient_accumulation_steps`` micro-batches per
+        step. P follows from ``P × group_size × sources × iterations = sample_every ×
+        per_device_train_batch_size × gradient_accumulation_steps`` (a ``ValueError`` says so when
+        there is no whole P); one pass over the prompts is one Trainer epoch.
 
-        With ``askd_config.log_grad_split``, every training ``compute_loss`` also takes the gradients
-        of the TGO and SGO parts (two extra backward passes; Trainer's own backward follows) and the
-        Trainer's logs gain the means since the last log of ``grad_norm_tgo``, ``grad_norm_sgo``,
-        ``grad_cos_tgo_sgo`` and ``grad_ratio_sgo_tgo`` (per ``compute_loss`` call, before the
-        Trainer's loss scaling and clipping; single process). The warning of :class:`ASKDDistiller`
-        is raised once from these means.
+        **Offline** (no ``reward_fn``): ``train_dataset`` holds rollout rows (single rows of
+        :meth:`Rollouts.batch`, ``data_collator=askd_collate``, ``remove_unused_columns=False``).
+
+        Both modes normalise each optimizer step's loss by the valid label tokens of all its
+        micro-batches (TGO tokens for ``"sft"``), so gradient accumulation gives the same update as
+        one big batch; ``compute_loss`` receives that count as ``num_items_in_batch``.
+
+        Logs (at ``logging_steps``): the rollout statistics of :meth:`ASKDDistiller.rollout_stats`
+        (means over the rollouts sampled since the previous log; ``rollouts`` counts them all), the
+        λ statistics ``lam_{tgo,sgo}_{mean,std}`` (``"askd"``, ``"grpo"``) and, with
+        ``log_grad_split``, ``grad_norm_tgo``, ``grad_norm_sgo``, ``grad_cos_tgo_sgo``,
+        ``grad_ratio_sgo_tgo`` (means over the ``compute_loss`` calls since the previous log, before
+        clipping; single process), with :class:`GradientSplitWarning` raised once.
+
+        ``progress_bar=None`` shows the Trainer's progress bar only when stderr is a terminal (logs
+        are printed as lines otherwise). ``ASKDConfig.max_grad_norm`` is not used here (the
+        Trainer's ``max_grad_norm`` is); ``micro_batch_size`` chunks the no-grad log-prob forwards.
+        On-policy sampling runs in a single process.
         """
 
-        def __init__(self, *args, teacher_model, askd_config: Optional[ASKDConfig] = None, **kwargs):
+        loss_is_scaled_for_ga = True    # compute_loss divides by the whole step's token count
+
+        def __init__(self, *args, teacher_model, askd_config: Optional[ASKDConfig] = None,
+                     reward_fn: Optional[RewardFn] = None, eos_token_id=None, pad_token_id: Optional[int] = None,
+                     progress_bar: Optional[bool] = None, **kwargs):
             super().__init__(*args, **kwargs)
+            if askd_config is not None and not isinstance(askd_config, ASKDConfig):
+                raise TypeError(f"askd_config must be an ASKDConfig, got {type(askd_config).__name__}")
             self.teacher_model = teacher_model.eval().requires_grad_(False)
             self.askd_config = askd_config or ASKDConfig()
+            self.reward_fn = reward_fn
+            self.distiller = None
+            if reward_fn is not None:
+                if not callable(reward_fn):
+                    raise TypeError(f"reward_fn must be callable, got {type(reward_fn).__name__}")
+                if self.args.world_size > 1:
+                    raise ValueError("ASKDTrainer samples on-policy in a single process (world_size 1)")
+                self.distiller = ASKDDistiller(self.model, self.teacher_model, None, reward_fn, self.askd_config,
+                                               eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+                self.prompts_per_rollout = rollout_prompts_per_sample(
+                    self.askd_config, self._train_batch_size * self.args.gradient_accumulation_steps)
+            self.lambdas: Dict[str, List[Tensor]] = (self.distiller.lambdas if self.distiller is not None
+                                                     else {"tgo": [], "sgo": []})
+            self._rollout = None
+            self._schedule: List[Tensor] = []
+            self._cursor = 0
+            self._rollout_key = None
+            self.rollouts_sampled = 0
+            self._rollout_log: List[Dict[str, float]] = []
+            self._lam_acc: Dict = {}
             self._askd_steps: List[Dict[str, float]] = []
             self._askd_warned = False
+            if progress_bar is None:
+                progress_bar = bool(getattr(sys.stderr, "isatty", lambda: False)())
+            if not progress_bar:
+                for cb in {ProgressCallback, DEFAULT_PROGRESS_CALLBACK}:
+                    self.remove_callback(cb)
+                if not any(isinstance(cb, PrinterCallback) for cb in self.callback_handler.callbacks):
+                    self.add_callback(PrinterCallback)
 
+        # -- on-policy data: prompts in, rollout micro-batches out -----------------------------
+        def get_train_dataloader(self):
+            if self.distiller is None:
+                return super().get_train_dataloader()
+            if self.train_dataset is None:
+                raise ValueError("ASKDTrainer: training requires a train_dataset (of prompts)")
+            n, P = len(self.train_dataset), self.prompts_per_rollout
+            if n < P:
+                raise ValueError(f"train_dataset has {n} prompts; one rollout takes {P} (see the ASKDTrainer doc)")
+            repeat = (self.askd_config.sample_every or self.askd_config.iterations) * \
+                self.args.gradient_accumulation_steps
+            sampler = _RolloutBatchSampler(n, P, repeat, self.args.train_sampling_strategy != "sequential",
+                                           self.args.seed)
+            # its own generator: iterating the loader draws nothing from torch's global RNG
+            return torch.utils.data.DataLoader(
+                _Indexed(self.train_dataset), batch_sampler=sampler,
+                generator=torch.Generator().manual_seed(self.args.seed),
+                collate_fn=functools.partial(_keyed_prompt_collate, pad_token_id=self.distiller.pad_token_id))
+
+        def get_batch_samples(self, epoch_iterator, num_batches, device):
+            batch_samples = []
+            for _ in range(num_batches):
+                try:
+                    batch_samples.append(next(epoch_iterator))
+                except StopIteration:
+                    break
+            if self.distiller is not None:
+                batch_samples = [self._micro_batch(b) for b in batch_samples]
+            return batch_samples, self._count_items(batch_samples, device)
+
+        def _micro_batch(self, prompt_batch):
+            key = prompt_batch.get("prompt_key")
+            key = None if key is None else tuple(key.tolist())
+            if self._rollout is None or key != self._rollout_key or self._cursor >= len(self._schedule):
+                self._sample(prompt_batch, key)
+            index = self._schedule[self._cursor]
+            self._cursor += 1
+            return self._rollout.batch(index)
+
+        def _sample(self, prompt_batch, key):
+            device = self.args.device
+            self.teacher_model.to(device)
+            r = self.distiller.sample(prompt_batch["prompt_ids"].to(device), prompt_batch["prompt_mask"].to(device))
+            self._rollout_log.append(self.distiller.rollout_stats(r))
+            N, mb = len(r), self._train_batch_size
+            order = torch.cat([torch.randperm(N, device=r.input_ids.device)
+                               for _ in range(self.askd_config.iterations)])
+            self._rollout, self._rollout_key, self._cursor = r, key, 0
+            self._schedule = list(order.split(mb))
+            self.rollouts_sampled += 1
+
+        def _count_items(self, batch_samples, device):
+            if not batch_samples or "labels" not in batch_samples[0]:
+                return None
+            ig, total = self.askd_config.ignore_index, 0
+            for b in batch_samples:
+                valid = b["labels"][:, 1:] != ig
+                if self.askd_config.loss == "sft":
+                    valid = valid & ~b["student_generated"].bool()[:, None]
+                total = total + valid.sum()
+            return torch.as_tensor(total, device=device)
+
+        # -- the loss ----------------------------------------------------------------------------
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            c = self.askd_config
             teacher = self.teacher_model.to(inputs["input_ids"].device)
-            if self.askd_config.log_grad_split and model.training and torch.is_grad_enabled():
-                parts = compute_askd_loss_parts(model, inputs, teacher=teacher, config=self.askd_config)
+            training = model.training and torch.is_grad_enabled()
+            want_stats = training and c.loss in ("askd", "grpo")
+            if c.log_grad_split and training:
+                parts, stats = compute_askd_loss_parts(model, inputs, teacher=teacher, config=c,
+                                                       num_items=num_items_in_batch, return_stats=True)
                 params = [p for p in model.parameters() if p.requires_grad]
                 loss = sum(p for p in parts if p is not None)
                 # the graph is kept for the Trainer's own backward of the sum
                 self._askd_steps.append(split_gradients(parts, params, accumulate=False, retain_graph=True))
             else:
-                loss = compute_askd_loss(model, inputs, teacher=teacher, config=self.askd_config)
+                loss, stats = compute_askd_loss(model, inputs, teacher=teacher, config=c, num_items=num_items_in_batch,
+                                                return_stats=True)
+            if want_stats and stats is not None:
+                accumulate_lambda(inputs, stats, self._lam_acc, c, self.lambdas)
             return (loss, None) if return_outputs else loss
 
         def log(self, logs, *args, **kwargs):
+            logs = dict(logs)
+            if self._rollout_log:
+                logs.update(_mean_steps(self._rollout_log))
+                logs["rollouts"] = self.rollouts_sampled
+                self._rollout_log = []
+            if self._lam_acc:
+                logs.update(lambda_summary(self._lam_acc))
+                self._lam_acc = {}
             if self._askd_steps:
-                logs = dict(logs)
                 logs.update(_mean_steps(self._askd_steps))
                 self._askd_steps = []
                 if not self._askd_warned and grad_split_alarm(logs):
@@ -718,6 +1010,7 @@ def __getattr__(name):
 
 
 # ASKDTrainer is left out of __all__ so that `import *` stays free of transformers.
-__all__ = ["ASKDConfig", "ASKDDistiller", "GradientSplitWarning", "Rollouts", "assign_skew", "askd_collate",
-           "build_sequences", "compute_askd_loss", "compute_askd_loss_parts", "position_ids_from_mask",
-           "response_lists", "sequence_token_logprobs", "split_gradients"]
+__all__ = ["ASKDConfig", "ASKDDistiller", "GradientSplitWarning", "Rollouts", "accumulate_lambda", "assign_skew",
+           "askd_collate", "build_sequences", "compute_askd_loss", "compute_askd_loss_parts", "lambda_summary",
+           "position_ids_from_mask", "prompt_collate", "response_lists", "rollout_prompts_per_sample",
+           "sequence_token_logprobs", "split_gradients"]
