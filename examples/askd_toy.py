@@ -10,7 +10,9 @@ answer positions that are right. Models: a teacher ``LlamaForCausalLM`` and a sm
    sometimes right and rewards vary), then each variant distils the teacher into a copy of it, all
    with the same setting (:class:`ToyConfig`: rollout size, epochs, learning rate):
 
-   askd           ASKD: estimator="rao_blackwell", adaptive α = Φ(β r̂), κ clipping of correct SGOs
+   askd           ASKD, the recipe: estimator="rao_blackwell", γ = 0.5, adaptive α = Φ(β r̂), κ
+                  clipping of correct SGOs
+   askd_gamma1    the same at the paper's γ = 1 (the whole undiscounted future return)
    no_mc          w/o Monte-Carlo: the same at γ = 0, i.e. the full-vocabulary skl/srkl of each token
                   (= loss="full_vocab"; tests/test_integration_hf.py checks the equality)
    no_adaptive    w/o adaptive skew (α = 0.5 on every TGO and SGO)
@@ -26,7 +28,7 @@ answer positions that are right. Models: a teacher ``LlamaForCausalLM`` and a sm
    table, a JSON file (setting, per-epoch stats, accuracy curves, λ samples), a PNG of the final
    accuracies and the curves, and the λ distributions (the paper's Fig. 1(b)).
 
-    python -m examples.askd_toy                          # 3 seeds × 9 variants (build/toy-results/)
+    python -m examples.askd_toy                          # 3 seeds × 10 variants (build/toy-results/)
     python -m examples.askd_toy --out examples/results   # the committed results
     python -m examples.askd_toy --quick                  # 2 seeds, a third of the epochs
     python -m examples.askd_toy --seeds 1 --out build/s1 # one seed; then combine runs with
@@ -54,14 +56,18 @@ import torch.nn.functional as F
 PAD, BOS, EOS, SEP, DIGIT0 = 0, 1, 2, 3, 4
 VOCAB = 16
 
-RB = dict(loss="askd", estimator="rao_blackwell")
+# The recipe: rao_blackwell with γ = 0.5 (the discount of the future return is the estimator's
+# bias-variance knob; γ = 1 is the paper's undiscounted return, γ = 0 drops it). The ablations
+# below change one thing of this recipe each.
+RB = dict(loss="askd", estimator="rao_blackwell", gamma=0.5)
 VARIANTS = {
     "askd": dict(RB),
+    "askd_gamma1": dict(RB, gamma=1.0),
     "no_mc": dict(RB, gamma=0.0),
     "no_adaptive": dict(RB, adaptive_skew=False, fixed_alpha_tgo=0.5, fixed_alpha_sgo=0.5),
     "no_clip": dict(RB, clip_correct=False),
     "grpo": dict(RB, loss="grpo", adaptive_skew=False, fixed_alpha_tgo=0.5, fixed_alpha_sgo=0.5, clip_correct=False),
-    "askd_sampled": dict(loss="askd", estimator="exact"),
+    "askd_sampled": dict(loss="askd", estimator="exact", gamma=1.0),
     "askd_baseline": dict(RB, baseline=True),
     "distillm2": dict(loss="full_vocab", adaptive_skew=False, fixed_alpha_tgo=0.9, fixed_alpha_sgo=0.1,
                       clip_correct=False),
@@ -69,12 +75,13 @@ VARIANTS = {
 }
 # not in the default table (``--variants``)
 EXTRA_VARIANTS = {
-    "askd_sampled_baseline": dict(loss="askd", estimator="exact", baseline=True),
-    "askd_gamma05": dict(RB, gamma=0.5),   # γ, the bias-variance knob of rao_blackwell
-    "askd_gamma08": dict(RB, gamma=0.8),
+    "askd_sampled_baseline": dict(loss="askd", estimator="exact", baseline=True, gamma=1.0),
+    "askd_gamma08": dict(RB, gamma=0.8),   # γ between the recipe and the paper's
+
 }
 ALL_VARIANTS = {**VARIANTS, **EXTRA_VARIANTS}
-LABELS = {"askd": "ASKD (rao_blackwell estimator, adaptive α, κ clipping)",
+LABELS = {"askd": "ASKD (rao_blackwell estimator, γ = 0.5, adaptive α, κ clipping)",
+          "askd_gamma1": "ASKD at the paper's γ = 1 (undiscounted return)",
           "no_mc": "w/o Monte-Carlo (full-vocab skl/srkl per token, γ = 0)",
           "no_adaptive": "w/o adaptive skew (α = 0.5)",
           "no_clip": "w/o clipping (κ = 1)",
@@ -84,8 +91,8 @@ LABELS = {"askd": "ASKD (rao_blackwell estimator, adaptive α, κ clipping)",
           "sft": "SFT on teacher outputs",
           "askd_baseline": "ASKD + leave-one-out baseline",
           "askd_sampled_baseline": "ASKD sampled-token + leave-one-out baseline",
-          "askd_gamma05": "ASKD, γ = 0.5", "askd_gamma08": "ASKD, γ = 0.8"}
-LAMBDA_VARIANTS = ("askd", "askd_sampled")     # their per-token λ go into lambda_hist.png
+          "askd_gamma08": "ASKD, γ = 0.8"}
+LAMBDA_VARIANTS = ("askd_gamma1", "askd_sampled")  # their per-token λ go into lambda_hist.png (the paper's γ = 1)
 
 
 @dataclass
@@ -100,8 +107,8 @@ class ToyConfig:
     sft_lr: float = 3e-3
     # one shared setting for every variant (chosen by the sweep in docs/integration.md)
     epochs: int = 60                # Algorithm 1 epochs per variant
-    prompts_per_epoch: int = 32
-    group_size: int = 8             # responses per prompt and source: rollout = 32 × 8 TGOs + 32 × 8 SGOs
+    prompts_per_epoch: int = 64
+    group_size: int = 8             # responses per prompt and source: rollout = 64 × 8 TGOs + 64 × 8 SGOs
     iterations: int = 2             # T
     micro_batch_size: Optional[int] = None   # None: one optimisation step per pass over the rollout
     lr: float = 3e-4                # AdamW, constant

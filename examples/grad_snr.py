@@ -34,10 +34,11 @@ from .askd_toy import (EOS, PAD, Task, ToyConfig, accuracy, default_out, make_pr
                        teacher_model, warm_student)
 
 ESTIMATORS = {
-    "exact": dict(estimator="exact"),
-    "exact + baseline": dict(estimator="exact", baseline=True),
-    "rao_blackwell": dict(estimator="rao_blackwell"),
-    "rao_blackwell + baseline": dict(estimator="rao_blackwell", baseline=True),
+    "exact": dict(estimator="exact", gamma=1.0),
+    "exact + baseline": dict(estimator="exact", baseline=True, gamma=1.0),
+    "rao_blackwell": dict(estimator="rao_blackwell", gamma=1.0),
+    "rao_blackwell + baseline": dict(estimator="rao_blackwell", baseline=True, gamma=1.0),
+    "rao_blackwell γ = 0.5 (the recipe)": dict(estimator="rao_blackwell", gamma=0.5),
     "full-vocab (rao_blackwell γ = 0)": dict(estimator="rao_blackwell", gamma=0.0),
 }
 

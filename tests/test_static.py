@@ -34,7 +34,7 @@ LOOPS = {"row_stats": 2, "coefficients": 2, "gradient": 1, "full_vocab_row_stats
          **{f"divergence_backward[{k}]": 1 for k in static.DIVERGENCE_KINDS}}
 
 # Thread-level SASS instructions per element of each loop (loops in address order), sm_90, V=151936,
-# bf16, as measured by `python -m bench static` with triton 3.9.0 after the kernel changes of issue 12
+# bf16, as measured by `python -m bench static` with triton 3.9.0
 # (exp2 with the scale folded in, the aligned main loop, one pass for both log-sum-exps, the fast log2
 # of the mixtures, vector accumulators): docs/static.md has the table and the before/after.
 # The ceiling is the measured value + HEADROOM: a change that adds ~5% to a loop body fails here; one
