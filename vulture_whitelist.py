@@ -2,6 +2,7 @@
 outside the package (public API, framework hooks). Not imported by anything; vulture reads it."""
 from askd_kernels.askd.api import ASKDLoss
 from askd_kernels.askd.fused_linear import askd_loss_from_hidden
+from askd_kernels.distributed import ddp_num_items
 from askd_kernels.integrations import hf
 
 ASKDLoss.extra_repr             # nn.Module hook: shown by repr(module)
@@ -16,3 +17,4 @@ _.loss_is_scaled_for_ga         # noqa: F821 - Trainer class attribute, read by 
 _.get_batch_samples             # noqa: F821 - Trainer hook overridden by ASKDTrainer (rollout micro-batches, token count)
 _.routed_calls                  # noqa: F821 - counters on a routed TRL generalized_jsd_loss, for users and tests
 _.fallback_calls                # noqa: F821 - the same: calls passed on to TRL's own implementation
+ddp_num_items                   # public API: num_items for DDP (askd_kernels.distributed)

@@ -15,6 +15,8 @@ PyTorch path) — and :mod:`askd_kernels.backend` picks the implementation per c
 * :mod:`askd_kernels._packed` — packed rows (``cu_seqlens`` / ``position_ids``): the index maps
   between the tokens and the ``[S, L]`` sequence layout that only the coefficient stage needs.
 * :mod:`askd_kernels.skew` — skewness α from rewards.
+* :mod:`askd_kernels.distributed` — data parallel: the ``"mean"`` denominator over all ranks
+  (``ddp_num_items``, ``global_num_items``); ``skew_from_rewards`` takes a ``process_group``.
 * :mod:`askd_kernels._triton_math` / :mod:`askd_kernels._torch_math` — the shared building blocks
   (online log-sum-exp, log-mixture, divergence terms), once per backend.
 * :mod:`askd_kernels.integrations.hf` — Algorithm 1 with ``transformers`` models (optional).

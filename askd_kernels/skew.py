@@ -11,7 +11,7 @@ NOISE_ULPS = 8
 
 
 def skew_from_rewards(rewards: Tensor, *, group_size: Optional[int] = None, beta: float = 1.0,
-                      eps: float = 1e-6) -> Tensor:
+                      eps: float = 1e-6, process_group=None) -> Tensor:
     """Map rewards to per-response skewness α ∈ (0, 1).
 
     ``r̂`` is the reward standardised within each group of ``group_size`` consecutive responses to the
@@ -33,16 +33,66 @@ def skew_from_rewards(rewards: Tensor, *, group_size: Optional[int] = None, beta
     Rewards must be finite: a NaN or ±inf reward raises a ``ValueError`` for CPU tensors in eager
     mode; elsewhere (CUDA, or while ``torch.compile`` traces: checking would sync or break the graph)
     it makes α NaN for every response of its group, and only that group.
+
+    Data parallel: with a ``torch.distributed`` ``process_group`` (e.g. ``dist.group.WORLD``) every
+    rank of the group passes its own rewards (1-D, same dtype on every rank; the counts may differ
+    between ranks, and a rank may hold none). The rewards are gathered in rank order — first the
+    per-rank counts (one ``all_gather``), then the rewards padded to the largest count (a second
+    ``all_gather``) — α is computed on the concatenation by exactly the single-process code, and
+    each rank gets back its own slice, bitwise what ``skew_from_rewards(torch.cat(all_rewards))``
+    gives for those responses. So a group of ``group_size`` consecutive responses may straddle
+    ranks, and ``group_size=None`` normalises over the responses of all ranks (REINFORCE++).
+    ``group_size`` must divide the *total* count (a ``ValueError`` otherwise, raised on every rank,
+    after the gathers, as are errors in ``beta``, ``eps`` and non-finite rewards: all ranks see the
+    same gathered rewards). Every rank of the group must make the call; with ``process_group=None``
+    (the default) nothing is communicated.
     """
+    if process_group is not None:
+        return _skew_over_group(rewards, group_size, beta, eps, process_group)
+    return _skew(rewards, group_size, beta, eps)
+
+
+def _rewards_tensor(rewards, *, allow_empty=False):
     if not isinstance(rewards, Tensor):
         raise TypeError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be 1-D [B], got shape {tuple(rewards.shape)}")
     if rewards.dtype.is_complex:
         raise TypeError(f"rewards must be real, got {rewards.dtype}")
-    n = rewards.numel()
-    if n == 0:
+    if rewards.numel() == 0 and not allow_empty:
         raise ValueError("rewards must not be empty")
+
+
+def _skew_over_group(rewards, group_size, beta, eps, process_group):
+    """Gather every rank's rewards in rank order, run :func:`_skew` on the concatenation, keep ours."""
+    import torch.distributed as dist
+
+    from .distributed import _group
+
+    _group(process_group)  # a ProcessGroup, else a TypeError naming process_group
+    _rewards_tensor(rewards, allow_empty=True)  # local checks before any collective
+    world = dist.get_world_size(process_group)
+    rank = dist.get_rank(process_group)
+    sent = rewards.to(torch.uint8) if rewards.dtype == torch.bool else rewards.contiguous()
+    count = torch.tensor([sent.numel()], dtype=torch.int64, device=sent.device)
+    counts = [torch.empty_like(count) for _ in range(world)]
+    dist.all_gather(counts, count, group=process_group)
+    sizes = torch.cat(counts).tolist()  # one host read: the padding and our slice need the counts
+    padded = sent.new_zeros(max(sizes))
+    padded[:sent.numel()] = sent
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=process_group)
+    everything = torch.cat([part[:size] for part, size in zip(parts, sizes)])
+    if rewards.dtype == torch.bool:
+        everything = everything.to(torch.bool)
+    start = sum(sizes[:rank])
+    return _skew(everything, group_size, beta, eps)[start:start + sizes[rank]]
+
+
+def _skew(rewards, group_size, beta, eps):
+    """The single-process computation (validation included) that :func:`skew_from_rewards` documents."""
+    _rewards_tensor(rewards)
+    n = rewards.numel()
     if isinstance(group_size, Tensor):  # a 0-d integer tensor counts as its value
         group_size = _checks.scalar_tensor("group_size", group_size, integer=True)
     if group_size is None:
