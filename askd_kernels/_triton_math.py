@@ -345,6 +345,18 @@ def log2_softmax_at(x, m, s, k):
 
 
 @triton.jit
+def _block_terms(S, W, start, w_start, offs, L, L_t, stride_sv, stride_wv, m_s, s_s, m_t, s_t, k, la2, lb2,
+                 KIND: tl.constexpr):
+    """One block of the aligned main loop of :func:`divergence_row_sums`: the student and teacher
+    columns at ``offs`` (masked beyond the main lengths ``L`` / ``L_t``) and their per-column terms
+    ``(v, a)``."""
+    z = tl.load(S + start + offs * stride_sv, mask=offs < L, other=float("-inf"))
+    w = tl.load(W + w_start + offs * stride_wv, mask=offs < L_t, other=float("-inf"))
+    v, a, _q = divergence_terms(log2_softmax_at(z, m_s, s_s, k), log2_softmax_at(w, m_t, s_t, k), la2, lb2, KIND)
+    return v, a
+
+
+@triton.jit
 def divergence_row_sums(S, s_off, stride_sv, n_s, W, w_off, stride_wv, n_t, inv_tau, m_s, s_s, m_t, s_t,
                         la, lb, KIND: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr):
     """``(Σ_v f-terms, S = Σ_v a_v)`` (natural units) of :func:`divergence_terms` over a row pair —
@@ -378,11 +390,8 @@ def divergence_row_sums(S, s_off, stride_sv, n_s, W, w_off, stride_wv, n_t, inv_
         # more registers live across the loop: a stack frame at the largest block without 128-bit
         # loads, tests/test_aot.py)
         for i in range(0, tl.cdiv(L, BLOCK)):
-            offs = i * BLOCK + cols
-            z = tl.load(S + start + offs * stride_sv, mask=offs < L, other=float("-inf"))
-            w = tl.load(W + w_start + offs * stride_wv, mask=offs < L_t, other=float("-inf"))
-            v, a, _q = divergence_terms(log2_softmax_at(z, m_s, s_s, k), log2_softmax_at(w, m_t, s_t, k), la2,
-                                        lb2, KIND)
+            v, a = _block_terms(S, W, start, w_start, i * BLOCK + cols, L, L_t, stride_sv, stride_wv, m_s, s_s,
+                                m_t, s_t, k, la2, lb2, KIND)
             value += tl.sum(v, axis=0)
             row_sum += tl.sum(a, axis=0)
     else:
@@ -390,11 +399,8 @@ def divergence_row_sums(S, s_off, stride_sv, n_s, W, w_off, stride_wv, n_t, inv_
         value_acc = tl.zeros([BLOCK], dtype=tl.float32)
         sum_acc = tl.zeros([BLOCK], dtype=tl.float32)
         for i in range(0, tl.cdiv(L, BLOCK)):
-            offs = i * BLOCK + cols
-            z = tl.load(S + start + offs * stride_sv, mask=offs < L, other=float("-inf"))
-            w = tl.load(W + w_start + offs * stride_wv, mask=offs < L_t, other=float("-inf"))
-            v, a, _q = divergence_terms(log2_softmax_at(z, m_s, s_s, k), log2_softmax_at(w, m_t, s_t, k), la2,
-                                        lb2, KIND)
+            v, a = _block_terms(S, W, start, w_start, i * BLOCK + cols, L, L_t, stride_sv, stride_wv, m_s, s_s,
+                                m_t, s_t, k, la2, lb2, KIND)
             value_acc += v
             sum_acc += a
         value += tl.sum(value_acc, axis=0)
