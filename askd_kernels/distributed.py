@@ -98,3 +98,93 @@ def ddp_num_items(labels: Union[Tensor, Sequence[Tensor]], *, ignore_index: int 
     import torch.distributed as dist
 
     return (count.to(torch.float64) / dist.get_world_size(group)).to(torch.float32)
+
+
+# ---- vocabulary parallel: the shared pieces of every family's sharded path ------------------------
+#
+# With ``process_group=`` given to a loss, each rank of the group holds a contiguous slice of the
+# vocabulary columns of the logits (rank r: columns [start_r, start_r + width_r), in rank order,
+# widths may differ). A row's log-sum-exp is then combined from the per-shard (max, log-sum) pairs,
+# the label's logit comes from the one shard that holds it, and a per-row sum over the vocabulary is
+# the sum of the shards' partial sums. These helpers are that plain-torch combination; the per-shard
+# statistics come from each family's kernels (or CPU path).
+
+_SHARDS = {}  # (group name, local width) → (start, total): the layout of a sharded vocabulary
+
+
+def vocab_group(process_group):
+    """``process_group`` checked for a vocabulary-parallel call: a ``ProcessGroup`` of an initialised
+    ``torch.distributed`` (a ``TypeError`` naming the argument otherwise). ``None`` is returned as is
+    (no sharding: the single-device path)."""
+    if process_group is None:
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
+        raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, "
+                        f"got {type(process_group).__name__}")
+    return process_group
+
+
+def vocab_shard(width: int, group) -> tuple:
+    """``(start, total)``: this rank's first vocabulary column and the whole vocabulary's size, for a
+    local shard of ``width`` columns. The widths are exchanged over ``group`` (one ``all_gather`` of
+    one integer and a host read) the first time a (group, width) pair is seen, and remembered: the
+    sharding of an lm_head does not change between steps."""
+    import torch.distributed as dist
+
+    key = (group.group_name, int(width))
+    if key not in _SHARDS:
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        mine = torch.tensor([width], dtype=torch.int64)
+        if dist.get_backend(group) == "nccl":
+            mine = mine.cuda()
+        widths = [torch.empty_like(mine) for _ in range(size)]
+        dist.all_gather(widths, mine, group=group)
+        widths = [int(w) for w in widths]
+        if min(widths) < 1:
+            raise ValueError(f"every rank of process_group needs at least one vocabulary column, got widths {widths}")
+        _SHARDS[key] = (sum(widths[:rank]), sum(widths))
+    return _SHARDS[key]
+
+
+def local_labels(labels: Tensor, start: int, width: int, ignore_index: int) -> Tensor:
+    """Global labels turned into the shard's columns: ``label − start`` where the label lies in the
+    shard, ``width`` (no column) where it lies in another shard, and −1 at ignored positions — so the
+    per-shard kernels run with ``ignore_index=−1``, whatever the caller's ``ignore_index`` is (a global
+    ``ignore_index`` may equal another label's local column)."""
+    local = labels - start
+    inside = (local >= 0) & (local < width)
+    return torch.where(labels == ignore_index, -1, torch.where(inside, local, width)).to(labels.dtype)
+
+
+def gather_rows(x: Tensor, group) -> Tensor:
+    """``[P, *x.shape]``: ``x`` of every rank of ``group`` in rank order (one ``all_gather``)."""
+    import torch.distributed as dist
+
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x, group=group)
+    return torch.stack(parts)
+
+
+def all_reduce_sum(x: Tensor, group) -> Tensor:
+    """The sum of ``x`` over ``group`` (one ``all_reduce``), as a new tensor (``x`` is not written)."""
+    import torch.distributed as dist
+
+    out = x.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out
+
+
+def combine_pairs(pairs: Tensor, inv_tau: float) -> Tensor:
+    """The whole row's ``(max, log-sum)`` pair from the shards' pairs ``[P, n, 2]`` (each
+    ``m_r = max z``, ``s_r = log Σ exp((z − m_r)/τ)`` over shard r): ``M = max_r m_r``,
+    ``S = log Σ_r exp(s_r + (m_r − M)/τ)``, so that ``log softmax(z/τ)_v = (z_v − M)/τ − S``.
+
+    A shard whose row is all −inf (a masked part of the vocabulary: m_r = −inf) contributes nothing;
+    a NaN in any shard gives NaN."""
+    m, s = pairs[..., 0], pairs[..., 1]
+    top = m.amax(0)
+    shifted = torch.where(m == float("-inf"), float("-inf"), s + (m - top) * inv_tau)
+    return torch.stack([top, torch.logsumexp(shifted, 0)], -1)
