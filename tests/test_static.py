@@ -168,16 +168,16 @@ def _pair_pct(compiled, fwd, bwd, V, ipc, roofline_bytes=None):
 
 @pytest.mark.parametrize("V", [V_ALIGNED, V_UNALIGNED])
 def test_askd_forward_backward_is_at_least_80_percent_of_its_roofline(compiled, V):
-    """Issue target: askd fwd + bwd (stage a + stage c) ≥ 80% of its 8 B/element DRAM roofline on
+    """Performance target: askd fwd + bwd (stage a + stage c) ≥ 80% of its 8 B/element DRAM roofline on
     H100, PREDICTED at the model's pessimistic end (IPC 0.5), at V % 16 == 0 and != 0."""
     assert _pair_pct(compiled, "row_stats", "gradient", V, static.IPC_PESSIMISTIC) >= 80.0
 
 
 @pytest.mark.parametrize("V", [V_ALIGNED, V_UNALIGNED])
 def test_jsd_forward_backward_is_at_least_60_percent_of_its_roofline(compiled, V):
-    """Issue target: jsd fwd + bwd ≥ 60% of the DRAM roofline on H100, PREDICTED at IPC 0.5 — of the
+    """Performance target: jsd fwd + bwd ≥ 60% of the DRAM roofline on H100, PREDICTED at IPC 0.5 — of the
     14 B/element the exact kernels move (forward: both rows twice, backward: once plus the gradient)
-    and of the 10 B/element the issue counted (one read of both rows per pass: the forward's second
+    and of the 10 B/element first asked for (one read of both rows per pass: the forward's second
     pass from DRAM is not in it)."""
     assert _pair_pct(compiled, "divergence_forward[jsd]", "divergence_backward[jsd]", V, static.IPC_PESSIMISTIC) >= 60.0
     assert _pair_pct(compiled, "divergence_forward[jsd]", "divergence_backward[jsd]", V, static.IPC_PESSIMISTIC,
