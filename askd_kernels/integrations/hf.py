@@ -259,13 +259,19 @@ def _pad_right(x: Tensor, length: int, value) -> Tensor:
     return F.pad(x, (0, length - x.shape[1]), value=value) if x.shape[1] < length else x
 
 
-def assign_skew(rewards: Tensor, student_generated: Tensor, config: ASKDConfig):
+def assign_skew(rewards: Tensor, student_generated: Tensor, config: ASKDConfig, *, process_group=None):
     """α, κ (clip) and r̂ for rewards ordered as ``[TGOs | SGOs]``, each prompt-major in groups.
 
     Rewards are normalised within each source, per group of ``group_size`` (GRPO) or over the
     source's batch when ``group_size == 1`` (REINFORCE++); α = Φ(β r̂) (Eq. 12) unless
     ``adaptive_skew`` is off (then ``fixed_alpha_tgo`` / ``fixed_alpha_sgo``). κ = 0 (clip = True)
     for SGOs whose reward is ≥ ``correct_threshold`` when ``clip_correct``.
+
+    Data parallel: with a ``torch.distributed`` ``process_group`` each source's rewards are
+    normalised over the concatenation, in rank order, of that source's rewards on every rank
+    (:func:`askd_kernels.skew_from_rewards` with ``process_group``): the α and r̂ of one process
+    holding all ranks' prompts in rank order. Every rank of the group must make the call and hold
+    rows of the same sources.
     """
     alpha = torch.empty_like(rewards, dtype=torch.float32)
     adv = torch.zeros_like(rewards, dtype=torch.float32)
@@ -276,10 +282,10 @@ def assign_skew(rewards: Tensor, student_generated: Tensor, config: ASKDConfig):
             continue
         r = rewards[rows]
         # r̂ from α at β = 1: Φ⁻¹(Φ(r̂)) (float64), so r̂ shares skew_from_rewards' all-equal rule.
-        a1 = skew_from_rewards(r, group_size=group, beta=1.0).double()
+        a1 = skew_from_rewards(r, group_size=group, beta=1.0, process_group=process_group).double()
         adv[rows] = torch.special.ndtri(a1).float()
         if config.adaptive_skew:
-            alpha[rows] = skew_from_rewards(r, group_size=group, beta=config.beta)
+            alpha[rows] = skew_from_rewards(r, group_size=group, beta=config.beta, process_group=process_group)
         else:
             alpha[rows] = config.fixed_alpha_sgo if is_sgo else config.fixed_alpha_tgo
     clip = student_generated & (rewards >= config.correct_threshold)
@@ -440,10 +446,19 @@ class ASKDDistiller:
     teacher is frozen (``requires_grad_(False)``). ``lambdas`` collects the per-token λ of TGOs and of
     unclipped SGOs when ``config.collect_lambda`` (``loss="askd"`` or ``"grpo"``); ``step_log`` holds one
     dict per optimisation step of the last epoch (:meth:`optimize`).
+
+    ``process_group`` (a ``torch.distributed`` group, default None: one process) makes :meth:`sample`
+    normalise the rewards over the prompts of every rank of the group (:func:`assign_skew`); each
+    rank then samples its own prompts. ``ASKDTrainer`` sets it under data parallelism.
     """
 
     def __init__(self, student, teacher, optimizer, reward_fn: RewardFn, config: Optional[ASKDConfig] = None,
-                 *, eos_token_id=None, pad_token_id: Optional[int] = None):
+                 *, eos_token_id=None, pad_token_id: Optional[int] = None, process_group=None):
+        if process_group is not None:
+            from ..distributed import _group
+
+            _group(process_group)   # a ProcessGroup, else a TypeError naming process_group
+        self.process_group = process_group
         self.student, self.teacher, self.optimizer = student, teacher, optimizer
         self.reward_fn = reward_fn
         self.config = config or ASKDConfig()
@@ -499,7 +514,7 @@ class ASKDDistiller:
         rewards = torch.as_tensor(list(self.reward_fn(prompts, responses)), dtype=torch.float32, device=ids.device)
         if rewards.shape != (ids.shape[0],):
             raise ValueError(f"reward_fn returned {tuple(rewards.shape)} rewards for {ids.shape[0]} responses")
-        alpha, clip, adv = assign_skew(rewards, sgo, c)
+        alpha, clip, adv = assign_skew(rewards, sgo, c, process_group=self.process_group)
         tlp = self.logprobs(self.teacher, ids, mask, labels)
         old = None
         if c.importance_sampling and sgo.any() and c.loss in ("askd", "grpo"):
@@ -753,14 +768,20 @@ def rollout_prompts_per_sample(config: ASKDConfig, rows_per_step: int) -> int:
 class _RolloutBatchSampler:
     """Batches of ``batch`` prompt indices, each yielded ``repeat`` times in a row (one per
     micro-batch drawn from its rollout); reshuffled at every pass over the prompts unless
-    ``shuffle`` is off; an incomplete last batch is dropped."""
+    ``shuffle`` is off; an incomplete last batch is dropped.
 
-    def __init__(self, n: int, batch: int, repeat: int, shuffle: bool, seed: int):
+    Data parallel (``world`` processes): every rank draws the same order (the seed does not depend
+    on the rank), cuts it into global batches of ``world × batch`` prompts and yields its own
+    ``batch``, the ``rank``-th slice; so the prompts of one rollout on ranks 0, 1, … are, in that
+    order, those of one process with ``world × batch`` prompts per rollout."""
+
+    def __init__(self, n: int, batch: int, repeat: int, shuffle: bool, seed: int, rank: int = 0, world: int = 1):
         self.n, self.batch, self.repeat, self.shuffle, self.seed = n, batch, repeat, shuffle, seed
+        self.rank, self.world = rank, world
         self.passes = 0
 
     def __len__(self):
-        return (self.n // self.batch) * self.repeat
+        return (self.n // (self.batch * self.world)) * self.repeat
 
     def __iter__(self):
         if self.shuffle:
@@ -768,8 +789,9 @@ class _RolloutBatchSampler:
         else:
             order = list(range(self.n))
         self.passes += 1
-        for b in range(self.n // self.batch):
-            chunk = order[b * self.batch:(b + 1) * self.batch]
+        size = self.batch * self.world
+        for b in range(self.n // size):
+            chunk = order[b * size:(b + 1) * size][self.rank * self.batch:(self.rank + 1) * self.batch]
             for _ in range(self.repeat):
                 yield chunk
 
@@ -850,12 +872,25 @@ def _make_trainer_class():
         λ statistics ``lam_{tgo,sgo}_{mean,std}`` (``"askd"``, ``"grpo"``) and, with
         ``log_grad_split``, ``grad_norm_tgo``, ``grad_norm_sgo``, ``grad_cos_tgo_sgo``,
         ``grad_ratio_sgo_tgo`` (means over the ``compute_loss`` calls since the previous log, before
-        clipping; single process), with :class:`GradientSplitWarning` raised once.
+        clipping; under data parallelism those of the logging rank), with
+        :class:`GradientSplitWarning` raised once.
 
         ``progress_bar=None`` shows the Trainer's progress bar only when stderr is a terminal (logs
         are printed as lines otherwise). ``ASKDConfig.max_grad_norm`` is not used here (the
         Trainer's ``max_grad_norm`` is); ``micro_batch_size`` chunks the no-grad log-prob forwards.
-        On-policy sampling runs in a single process.
+
+        **Data parallel** (``accelerate launch`` / ``torchrun``, ``args.world_size`` = W > 1): on-policy,
+        every rank samples P prompts of its own (rollout k takes the next W·P prompts of the shared
+        order, rank r the r-th P of them, so the W rollouts are one W·P-prompt rollout cut in rank
+        order) and the rewards are normalised over the rollouts of all ranks
+        (:func:`assign_skew` with the default process group: exactly the α and r̂ of one process
+        holding the W·P prompts); offline, the Trainer's data loader shards the rows. With
+        ``args.average_tokens_across_devices`` (the default) ``num_items_in_batch`` is the step's
+        count over all ranks (one all-gather per step) and each rank divides its loss sum by
+        count / W, so DDP's gradient average is the gradient of the whole W-rank batch's mean — the
+        update of one process on the concatenated batch. Without it each rank uses its own count (the
+        Trainer's semantics: the average of the per-rank means). The rollout, λ and gradient-split
+        statistics in the logs are those of the logging rank (rank 0), not all-reduced.
         """
 
         loss_is_scaled_for_ga = True    # compute_loss divides by the whole step's token count
@@ -873,10 +908,17 @@ def _make_trainer_class():
             if reward_fn is not None:
                 if not callable(reward_fn):
                     raise TypeError(f"reward_fn must be callable, got {type(reward_fn).__name__}")
-                if self.args.world_size > 1:
-                    raise ValueError("ASKDTrainer samples on-policy in a single process (world_size 1)")
+                group = None
+                if self.args.world_size > 1:     # each rank samples its own prompts; α over all ranks
+                    import torch.distributed as dist
+
+                    if not (dist.is_available() and dist.is_initialized()):
+                        raise ValueError(f"ASKDTrainer: args.world_size is {self.args.world_size} but "
+                                         "torch.distributed is not initialised (launch with accelerate or torchrun)")
+                    group = dist.group.WORLD
                 self.distiller = ASKDDistiller(self.model, self.teacher_model, None, reward_fn, self.askd_config,
-                                               eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+                                               eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                                               process_group=group)
                 self.prompts_per_rollout = rollout_prompts_per_sample(
                     self.askd_config, self._train_batch_size * self.args.gradient_accumulation_steps)
             self.lambdas: Dict[str, List[Tensor]] = (self.distiller.lambdas if self.distiller is not None
@@ -904,13 +946,15 @@ def _make_trainer_class():
                 return super().get_train_dataloader()
             if self.train_dataset is None:
                 raise ValueError("ASKDTrainer: training requires a train_dataset (of prompts)")
-            n, P = len(self.train_dataset), self.prompts_per_rollout
-            if n < P:
-                raise ValueError(f"train_dataset has {n} prompts; one rollout takes {P} (see the ASKDTrainer doc)")
+            n, P, W = len(self.train_dataset), self.prompts_per_rollout, self.args.world_size
+            if n < P * W:
+                per = "" if W == 1 else f" ({P} per process x {W} processes)"
+                raise ValueError(f"train_dataset has {n} prompts; one rollout takes {P * W}{per} "
+                                 "(see the ASKDTrainer doc)")
             repeat = (self.askd_config.sample_every or self.askd_config.iterations) * \
                 self.args.gradient_accumulation_steps
             sampler = _RolloutBatchSampler(n, P, repeat, self.args.train_sampling_strategy != "sequential",
-                                           self.args.seed)
+                                           self.args.seed, rank=self.args.process_index, world=W)
             # its own generator: iterating the loader draws nothing from torch's global RNG
             return torch.utils.data.DataLoader(
                 _Indexed(self.train_dataset), batch_sampler=sampler,
@@ -949,7 +993,14 @@ def _make_trainer_class():
             self._schedule = list(order.split(mb))
             self.rollouts_sampled += 1
 
+        def _across_ranks(self):
+            """Whether the step's token count is summed over the ranks (and the loss scaled by W)."""
+            return self.args.world_size > 1 and self.args.average_tokens_across_devices
+
         def _count_items(self, batch_samples, device):
+            """The step's valid label tokens (``labels[:, 1:]``; TGO rows only for ``"sft"``) over all
+            its micro-batches and, with ``average_tokens_across_devices`` (the default) under data
+            parallelism, over all ranks: one all-gather of a scalar per step, as the Trainer's own count."""
             if not batch_samples or "labels" not in batch_samples[0]:
                 return None
             ig, total = self.askd_config.ignore_index, 0
@@ -958,12 +1009,21 @@ def _make_trainer_class():
                 if self.askd_config.loss == "sft":
                     valid = valid & ~b["student_generated"].bool()[:, None]
                 total = total + valid.sum()
-            return torch.as_tensor(total, device=device)
+            total = torch.as_tensor(total, device=device)
+            if self._across_ranks():
+                total = self.accelerator.gather(total).sum()
+            return total
 
         # -- the loss ----------------------------------------------------------------------------
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             c = self.askd_config
             teacher = self.teacher_model.to(inputs["input_ids"].device)
+            if num_items_in_batch is not None and self._across_ranks():
+                # the global count N: each rank's loss is its sum over N / W, so that the gradient
+                # averaging over W ranks gives the gradient of the whole batch's sum over N (the
+                # Trainer's own compute_loss multiplies by W for the same reason)
+                n = torch.as_tensor(num_items_in_batch, device=inputs["input_ids"].device)
+                num_items_in_batch = (n.to(torch.float64) / self.args.world_size).to(torch.float32)
             training = model.training and torch.is_grad_enabled()
             want_stats = training and c.loss in ("askd", "grpo")
             if c.log_grad_split and training:
