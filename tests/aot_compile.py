@@ -107,8 +107,16 @@ def _divergence_specs():
                     **per_seq, "LSE_S": "*fp32", "LSE_T": "*fp32", "ROW_SUM": "*fp32", "G": "*fp32",
                     "GRAD": dtype, **tail}
         label = f"{kind},{dtype[1:]},BLOCK={block},strides={stride}"
-        yield f"divergence_forward[{label}]", divergences._divergence_forward_kernel, forward, const, \
-            _triton_math.NUM_WARPS
+        forward["MODE"] = "constexpr"
+        yield f"divergence_forward[{label}]", divergences._divergence_forward_kernel, forward, \
+            {**const, "MODE": 0}, _triton_math.NUM_WARPS
+        # the vocabulary-parallel split: pass 2 from given pairs (every kind), pass 1 alone (one
+        # specialisation per dtype and block: the launcher passes KIND = 0 for it)
+        yield f"divergence_forward_given_pairs[{label}]", divergences._divergence_forward_kernel, forward, \
+            {**const, "MODE": 2}, _triton_math.NUM_WARPS
+        if kind == "fkl" or (kind, stride) == ("srkl", "i64"):
+            yield f"divergence_pairs[{dtype[1:]},BLOCK={block},strides={stride}]", \
+                divergences._divergence_forward_kernel, forward, {**const, "KIND": 0, "MODE": 1}, _triton_math.NUM_WARPS
         yield f"divergence_backward[{label}]", divergences._divergence_backward_kernel, backward, const, \
             _triton_math.NUM_WARPS
 

@@ -6,8 +6,9 @@ import torch
 from torch import Tensor
 
 from .. import _checks as check
-from .. import _packed
+from .. import _packed, distributed
 from .ops import divergence_forward
+from .vocab_parallel import sharded_forward
 from .triton import KINDS
 
 
@@ -43,6 +44,7 @@ def divergence_loss(
     cu_seqlens: Optional[Tensor] = None,
     position_ids: Optional[Tensor] = None,
     max_seqlen: Optional[int] = None,
+    process_group=None,
 ) -> Tensor:
     """A full-vocabulary divergence between the student q = softmax(z/τ) and the teacher p = softmax(w/τ).
 
@@ -84,17 +86,33 @@ def divergence_loss(
             token, so the boundaries matter only for those two; ``"none"`` keeps the tokens' shape.
             The result equals, bit for bit, that of the padded ``[S, L, V]`` call (value, reduced
             loss and gradient).
+        process_group: a ``torch.distributed.ProcessGroup`` for vocabulary parallelism (``TypeError``
+            for anything else but None). Each rank then passes its contiguous shard of the columns of
+            both logits (rank r holds columns [start_r, start_r + width_r) in rank order; widths may
+            differ between ranks, but on a rank the student's and the teacher's shards have the same
+            width) and the same labels, alpha, clip and options as every other rank. Every rank gets
+            the same loss, and the backward gives each rank exactly its columns of the unsharded
+            gradient. Two collectives per forward (an ``all_gather`` of 4 and an ``all_reduce`` of 2
+            fp32 numbers per token), none in the backward (:mod:`askd_kernels.divergence.vocab_parallel`).
+            Works with every layout above (``[B, T, V]``, flat, packed). The inputs are checked on
+            each rank; a rank whose arguments are rejected raises before any collective, and the
+            others then wait in theirs until the group's timeout.
 
     Returns the fp32 loss; its backward is the exact derivative of the value w.r.t. the student
     logits. The forward keeps O(B·T) memory (nothing of size tokens × vocab); the backward allocates
     only the gradient.
     """
     # ---- validation: everything before any kernel runs ----------------------------------------
+    group = distributed.vocab_group(process_group)
     check.not_swapped(labels, teacher_logits)
     _packed.token_shapes("student_logits", student_logits, "labels", labels, flat_ok=True)
     tokens = tuple(labels.shape)
     device = student_logits.device
     check.teacher_logits(teacher_logits, tokens)
+    if group is not None and teacher_logits.shape[-1] != student_logits.shape[-1]:
+        raise ValueError(f"with process_group, teacher_logits must be this rank's shard of the same vocabulary "
+                         f"columns as student_logits: width {teacher_logits.shape[-1]} != "
+                         f"{student_logits.shape[-1]}")
     layout = None
     if cu_seqlens is not None or position_ids is not None:
         check.same_device(device, labels=labels)
@@ -122,13 +140,18 @@ def divergence_loss(
     kappa = torch.where(clip, 0.0, 1.0) if clip is not None else torch.ones(B, device=device)
     labels = check.index_labels(labels)  # any integer dtype → contiguous int64 (exact ignore_index test)
     kappa = kappa.float()
+
+    def values(student, teacher, rows, kappa, log_w):  # per-token [B, T] values, one device or sharded
+        if group is None:
+            return divergence_forward(student, teacher, rows, kappa, log_w, kind, temperature, ignore_index)[0]
+        return sharded_forward(student, teacher, rows, kappa, log_w, kind, temperature, ignore_index, group)
+
     if layout is not None:
         # Every token its own row [N, 1, V]; per-sequence κ and weights gathered per token.
         n = labels.numel()
-        value, _row_sum, _lse_s, _lse_t = divergence_forward(
+        value = values(
             _packed.per_token_view(student_logits, n), _packed.per_token_view(teacher_logits.detach(), n),
-            labels.view(n, 1), kappa[layout.seq_of_token].contiguous(), log_w[layout.seq_of_token].contiguous(),
-            kind, temperature, ignore_index)
+            labels.view(n, 1), kappa[layout.seq_of_token].contiguous(), log_w[layout.seq_of_token].contiguous())
         value = value.view(tokens)
         if reduction == "none":
             return value
@@ -136,10 +159,8 @@ def divergence_loss(
         return total if reduction == "sum" else check.apply_reduction(total.view(1), labels, ignore_index,
                                                                       "mean", num_items)
     if labels.dim() == 1:  # flat [N, V]: one row of N tokens
-        value, _row_sum, _lse_s, _lse_t = divergence_forward(
-            student_logits.unsqueeze(0), teacher_logits.detach().unsqueeze(0), labels.view(1, -1), kappa, log_w,
-            kind, temperature, ignore_index)
+        value = values(student_logits.unsqueeze(0), teacher_logits.detach().unsqueeze(0), labels.view(1, -1), kappa,
+                       log_w)
         return check.apply_reduction(value.view(tokens), labels, ignore_index, reduction, num_items)
-    value, _row_sum, _lse_s, _lse_t = divergence_forward(
-        student_logits, teacher_logits.detach(), labels, kappa, log_w, kind, temperature, ignore_index)
+    value = values(student_logits, teacher_logits.detach(), labels, kappa, log_w)
     return check.apply_reduction(value, labels, ignore_index, reduction, num_items)

@@ -14,6 +14,10 @@ them into the gradient's final buffer.
 The forward's probabilities are the log-sum's exponentials times e^{−s} (a multiply, not a second
 exp per element).
 
+:func:`pairs` and :func:`forward_given_pairs` are the forward's two passes run separately (the
+vocabulary-parallel path, :mod:`.vocab_parallel`): the first pass's pairs of a shard, and the second
+pass from given (global) pairs, as the backward rebuilds log q / log p from them.
+
 Memory: four fp32 block buffers in the forward (log q, log p and the two sides' exponentials, which
 become q and p), two in the backward, plus the temporaries of ``divergence_terms`` on one block
 (≤ ~8 block-sized tensors for srkl) — per worker thread, bounded by the block, never by tokens ×
@@ -82,6 +86,62 @@ def forward(student_logits, teacher_logits, labels, kappa, log_w, *, kind, tempe
         # disjoint supports. clamp keeps NaN.
         value.clamp_(max=1.0)
     return value, row_sum, lse_s, lse_t
+
+
+def pairs(student_logits, teacher_logits, labels, kappa, *, temperature, ignore_index):
+    """See :func:`askd_kernels.divergence.triton.pairs`: the forward's first pass only, fp32
+    ``(lse_s [B·T, 2], lse_t [B·T, 2])``, (0, 0) at inactive rows."""
+    B, T, _ = student_logits.shape
+    n = B * T
+    dev = student_logits.device
+    z_rows, w_rows, V, period = _views(student_logits, teacher_logits)
+    lse_s, lse_t = (torch.zeros((n, 2), dtype=torch.float32, device=dev) for _ in range(2))
+    active = _active(labels, kappa, ignore_index)
+    blocks = row_blocks(active, n, V, period)
+    inv_tau = 1.0 / temperature
+
+    def block(a, b, _mask, buffers):
+        x = buffers[0][:b - a]
+        for rows, pair in ((z_rows(a, b), lse_s), (w_rows(a, b), lse_t)):
+            m = rows.amax(-1).float()
+            # the same operations as the forward's first pass (the exponentials in place here); a
+            # row that is −inf throughout (a masked part of the vocabulary) is (−inf, −inf), as in
+            # the kernel, not the NaN of (−inf) − (−inf)
+            s = log_sum_into(shift_into(x, rows, m, inv_tau))
+            pair[a:b, 0], pair[a:b, 1] = m, torch.where(m == float("-inf"), float("-inf"), s)
+
+    for_blocks(blocks, block, _buffers(blocks, V, dev, 1))
+    return tuple(torch.where(active.unsqueeze(1), pair, 0.0) for pair in (lse_s, lse_t))
+
+
+def forward_given_pairs(student_logits, teacher_logits, labels, kappa, log_w, lse_s, lse_t, *, kind, temperature,
+                        ignore_index):
+    """See :func:`askd_kernels.divergence.triton.forward_given_pairs`: the forward's second pass only,
+    from the given (global) pairs: fp32 ``(value [B·T], row_sum [B·T])``, the partial sums over
+    these columns, 0 at inactive rows, no tvd clamp."""
+    B, T, _ = student_logits.shape
+    n = B * T
+    dev = student_logits.device
+    z_rows, w_rows, V, period = _views(student_logits, teacher_logits)
+    value = torch.zeros(n, dtype=torch.float32, device=dev)
+    row_sum = torch.zeros_like(value)
+    active = _active(labels, kappa, ignore_index)
+    weights = log_w.repeat_interleave(T, 0)
+    blocks = row_blocks(active, n, V, period)
+    inv_tau = 1.0 / temperature
+
+    def block(a, b, _mask, buffers):
+        r = b - a
+        x, y = (buf[:r] for buf in buffers)
+        for rows, out, pair in ((z_rows(a, b), x, lse_s), (w_rows(a, b), y, lse_t)):
+            shift_into(out, rows, pair[a:b, 0], inv_tau).sub_(pair[a:b, 1:])
+        v, g, _q = divergence_terms(x, y, weights[a:b, :1], weights[a:b, 1:], kind)
+        torch.sum(v, -1, out=value[a:b])
+        torch.sum(g, -1, out=row_sum[a:b])
+
+    for_blocks(blocks, block, _buffers(blocks, V, dev, 2))
+    # inactive rows (ignored, clipped, or computed inside a mostly active block) store 0
+    return torch.where(active, value, 0.0), torch.where(active, row_sum, 0.0)
 
 
 def backward(student_logits, teacher_logits, labels, kappa, log_w, lse_s, lse_t, row_sum, grad_value, *,
