@@ -6,8 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import _checks as check
-from .. import _packed
-from .ops import askd_forward, askd_packed_forward
+from .. import _packed, distributed
+from .ops import _Layout, askd_forward, askd_packed_forward
 from .triton_coefficients import ESTIMATORS
 
 
@@ -34,6 +34,7 @@ def askd_loss(
     cu_seqlens: Optional[Tensor] = None,
     position_ids: Optional[Tensor] = None,
     max_seqlen: Optional[int] = None,
+    process_group=None,
 ):
     """The ASKD sampled-token loss on teacher-generated (SKL) and student-generated (SRKL) outputs.
 
@@ -82,6 +83,17 @@ def askd_loss(
             ``transformers`` derives the sequences from ``DataCollatorWithFlattening``'s position ids).
         max_seqlen: with ``cu_seqlens``, the longest sequence's length (≥ it) as a python int; saves
             the one device sync that otherwise reads it.
+        process_group: vocabulary parallelism (``docs/contract.md`` §7, "Vocabulary parallel:
+            askd_loss"): a ``torch.distributed`` ``ProcessGroup`` over which the vocabulary is
+            sharded. Rank r passes its contiguous slice of columns ``[start_r, start_r + width_r)``
+            (in rank order; widths may differ) of ``student_logits`` and of ``teacher_logits``
+            (the same width as the student's on a rank; ``teacher_logprobs`` stay whole), and the
+            same ``labels`` (global vocabulary ids, checked against the total width) and options as
+            every other rank. Every rank gets the same loss and stats — those of the unsharded
+            call — and its backward writes exactly this rank's columns of the unsharded gradient,
+            with no collective. The forward runs one ``all_gather`` (plus one ``all_reduce`` for
+            ``rao_blackwell``); the first call with a given shard width also exchanges the widths.
+            Every rank must make the call. None (default): one device, the whole vocabulary.
 
     Packed rows: with ``cu_seqlens`` or ``position_ids`` the S sequences are the units of the loss.
     ``student_generated``, ``alpha``, ``clip`` and ``baseline_groups`` are then ``[S]``, indexed by
@@ -93,7 +105,8 @@ def askd_loss(
     Returns the loss (fp32), or ``(loss, stats)``. Its backward is the REINFORCE-style gradient of
     ``docs/contract.md`` §4, ``g·κ·w·λ·(softmax(z/τ) − onehot(y))/τ``, not the derivative of the value.
     """
-    # ---- validation: everything before any kernel runs ----------------------------------------
+    # ---- validation: everything before any kernel (or collective) runs -------------------------
+    group = distributed.vocab_group(process_group)
     packed = cu_seqlens is not None or position_ids is not None
     check.not_swapped(labels, teacher_logits)
     if packed:
@@ -111,6 +124,9 @@ def askd_loss(
         raise ValueError("pass exactly one of teacher_logits and teacher_logprobs")
     if teacher_logits is not None:
         check.teacher_logits(teacher_logits, tokens)
+        if group is not None and teacher_logits.shape[-1] != V_s:
+            raise ValueError(f"with process_group, teacher_logits must hold the same vocabulary columns as "
+                             f"student_logits on each rank: width {teacher_logits.shape[-1]} != {V_s}")
     else:
         check.tensor("teacher_logprobs", teacher_logprobs, shape=tokens, floating=check.LOGIT_DTYPES)
     device = student_logits.device
@@ -125,8 +141,10 @@ def askd_loss(
         student_generated=student_generated, alpha=alpha, clip=clip, old_logprobs=old_logprobs,
         is_max=is_max, estimator=estimator, gamma=gamma, length_normalize=length_normalize,
         temperature=temperature, ignore_index=ignore_index, reduction=reduction, num_items=num_items,
-        baseline_groups=baseline_groups)
+        baseline_groups=baseline_groups, process_group=group)
 
+    if group is not None:
+        return _vocab_parallel(student_logits, labels, teacher_logits, teacher_logprobs, args, layout, return_stats)
     # ---- stages (a) + (b) in one custom op; the reduction stays in autograd-visible torch ------
     if layout is not None:
         n = labels.numel()
@@ -144,6 +162,28 @@ def askd_loss(
         student_logits, args.labels, None if teacher_logits is None else teacher_logits.detach(),
         detached_fp32(teacher_logprobs), *args.op_args())
     return finish_askd(outputs, args, return_stats)
+
+
+def _vocab_parallel(student_logits, labels, teacher_logits, teacher_logprobs, args, layout, return_stats):
+    """``askd_loss`` on a vocabulary shard (validated ``args`` with a ``process_group``): the
+    autograd function of :mod:`.vocab_parallel`, then the same reduction as the one-device call."""
+    from .vocab_parallel import VocabParallelASKD
+
+    teacher = None if teacher_logits is None else teacher_logits.detach()
+    options = args.op_args()
+    if layout is None:
+        outputs = VocabParallelASKD.apply(student_logits, args.labels, teacher, detached_fp32(teacher_logprobs),
+                                          *options[:5], None, *options[5:], args.process_group)
+        return finish_askd(outputs, args, return_stats)
+    n = labels.numel()
+    maps = _Layout(layout.seq_of_token, layout.slot, layout.gather)
+    outputs = VocabParallelASKD.apply(
+        _packed.per_token_view(student_logits, n), args.labels.view(n, 1), _packed.per_token_view(teacher, n),
+        None if teacher_logprobs is None else detached_fp32(teacher_logprobs).view(n, 1),
+        *options[:3], None if args.old_logprobs is None else args.old_logprobs.view(n), args.baseline_groups,
+        maps, *options[5:], args.process_group)
+    value, *rest = outputs
+    return finish_askd((value, *(x.view(labels.shape) for x in rest)), args, return_stats)
 
 
 def detached_fp32(x: Optional[Tensor]) -> Optional[Tensor]:
@@ -166,6 +206,7 @@ class ASKDArgs(NamedTuple):
     ignore_index: int
     reduction: str
     num_items: Optional[Union[float, Tensor]]
+    process_group: object = None      # a torch.distributed ProcessGroup: the vocabulary is sharded over it
 
     def op_args(self):
         """The custom ops' arguments after the logits (or hidden states) and the teacher."""
@@ -175,12 +216,19 @@ class ASKDArgs(NamedTuple):
 
 def check_askd_options(device, labels, vocab, *, teachers, student_generated, alpha, clip, old_logprobs,
                        is_max, estimator, gamma, length_normalize, temperature, ignore_index, reduction,
-                       num_items, baseline_groups, reference="student_logits", batch=None) -> ASKDArgs:
+                       num_items, baseline_groups, reference="student_logits", batch=None,
+                       process_group=None) -> ASKDArgs:
     """The checks every ASKD entry point shares, after its own checks of the student, ``labels``
     (already known to be [B, T] integer, or any shape of tokens for packed rows) and the teacher
     tensors (``teachers``: name → tensor or None, checked here only for their device). ``reference``
     names the argument whose device is ``device``; ``vocab`` is the student vocabulary the labels
-    must lie in; ``batch`` the number of sequences, default ``labels.shape[0]`` (packed rows: S)."""
+    must lie in; ``batch`` the number of sequences, default ``labels.shape[0]`` (packed rows: S).
+
+    With ``process_group`` (vocabulary parallel) ``vocab`` is this rank's shard width: after every
+    other check, :func:`askd_kernels.distributed.vocab_shard` (a collective the first time a width
+    is seen) gives the total width the labels are checked against; the group is returned in
+    ``ASKDArgs.process_group``."""
+    group = distributed.vocab_group(process_group)
     B = labels.shape[0] if batch is None else batch
     if old_logprobs is not None:
         check.tensor("old_logprobs", old_logprobs, shape=labels.shape, floating=check.LOGIT_DTYPES)
@@ -212,11 +260,15 @@ def check_askd_options(device, labels, vocab, *, teachers, student_generated, al
     temperature = check.temperature(temperature)
     check.integer("ignore_index", ignore_index)
     num_items = check.reduction_and_num_items(reduction, num_items, device)
-    check.labels_in_vocab(labels, ignore_index, vocab)
+    vocabulary = "the student vocabulary"
+    if group is not None:  # the last check: the widths' exchange is a collective
+        vocab = distributed.vocab_shard(vocab, group)[1]
+        vocabulary = "the student vocabulary, all shards of process_group together"
+    check.labels_in_vocab(labels, ignore_index, vocab, vocabulary)
     kappa = torch.where(sgo & clip, 0.0, 1.0) if clip is not None else torch.ones(B, device=device)
     return ASKDArgs(check.index_labels(labels), sgo.to(torch.int32), alpha, kappa.float(),
                     detached_fp32(old_logprobs), baseline_groups, w_max, estimator, gamma, length_normalize, temperature,
-                    ignore_index, reduction, num_items)
+                    ignore_index, reduction, num_items, group)
 
 
 def finish_askd(outputs, args: ASKDArgs, return_stats: bool):
@@ -268,7 +320,8 @@ class ASKDLoss(nn.Module):
         super().__init__()
         allowed = {"estimator", "gamma", "length_normalize", "temperature", "ignore_index", "reduction",
                    "baseline_groups",
-                   "num_items", "is_max", "return_stats", "alpha", "student_generated", "clip"}
+                   "num_items", "is_max", "return_stats", "alpha", "student_generated", "clip",
+                   "process_group"}
         unknown = set(options) - allowed
         if unknown:
             raise TypeError(f"ASKDLoss got unknown option(s): {', '.join(sorted(unknown))}")

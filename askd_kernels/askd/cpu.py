@@ -248,7 +248,11 @@ def full_vocab_gradient(student_logits, labels, teacher_logits, coef, lse, lse_t
         seq = seq_of[a:b]
         x = log_softmax_at(z_rows(a, b), lse[a:b, 0], lse[a:b, 1], inv_tau)
         y = _to_width(log_softmax_at(w_rows(a, b), lse_t[a:b, 0], lse_t[a:b, 1], inv_tau), V_s)
-        onehot = torch.nn.functional.one_hot(flat_labels[a:b].clamp(0, V_s - 1), V_s).to(x.dtype)
+        # − onehot only for a label inside [0, V_s): a label of another vocabulary shard (V_s, see
+        # askd/vocab_parallel.py) or an unchecked outside label marks no column (as the kernel's clamp)
+        lab = flat_labels[a:b]
+        inside = ((lab >= 0) & (lab < V_s)).to(x.dtype).unsqueeze(1)
+        onehot = torch.nn.functional.one_hot(lab.clamp(0, V_s - 1), V_s).to(x.dtype) * inside
         out = rows_out[a:b]
         for kind, rows in _by_kind(is_sgo[seq]):
             if mask is not None:

@@ -21,11 +21,19 @@ Per-shard statistics come from running stage (a) with each model's shard in the 
 zero teacher log-probs (the teacher-log-probs variant, one pass over the row): its ``log_q`` is the
 label's in-shard log-probability (NaN where another shard holds the label — masked out here) and its
 ``lse`` the shard's pair.
+
+:class:`VocabParallelASKD` is ``askd_loss`` on such shards (``askd_loss(..., process_group=...)``):
+stage (a) as above, the coefficient stage (b) on the replicated vectors, and a backward that is
+stage (c) on the shard alone. ``rao_blackwell`` adds one ``all_reduce`` of two fp32 numbers per
+token: the full-vocabulary value and S = Σ_v a_v, partial sums over each shard's columns under the
+global pairs (:func:`full_vocab_sums`).
 """
 import torch
 from torch import Tensor
 
 from .. import distributed
+from ..divergence import ops as divergence_ops
+from . import ops
 
 
 def shard_label_stats(stage, logits: Tensor, local: Tensor, temperature: float) -> Tensor:
@@ -77,3 +85,98 @@ def global_label_stats(stage, student_shard: Tensor, labels: Tensor, teacher_sha
                     torch.where(valid & (owners != 1), float("nan"), log_prob)))
     (lse, log_q), teacher = out[0], (out[1] if len(out) > 1 else (None, None))
     return log_q, teacher[1], lse, teacher[0], local
+
+
+def full_vocab_sums(student_shard: Tensor, local: Tensor, teacher_shard: Tensor, lse: Tensor, lse_t: Tensor,
+                    alpha: Tensor, sgo: Tensor, kappa: Tensor, *, temperature: float, group):
+    """``rao_blackwell``'s per-token full-vocabulary value and row sum S (fp32 ``[n]`` each, the same on
+    every rank): skl on TGO rows, srkl on SGO rows, each shard's partial sums over its own columns
+    under the global pairs ``lse``/``lse_t``, added by one ``all_reduce``. 0 at ignored rows
+    (``local`` = −1) and clipped sequences (κ = 0), as :func:`.cpu.full_vocab_row_stats` writes them.
+    ``alpha``, ``sgo``, ``kappa`` are per row of ``student_shard`` (its leading dimension)."""
+    impl = divergence_ops._impl(student_shard.device)
+    log_w = torch.stack([torch.log(alpha), torch.log1p(-alpha)], 1)  # m = α q + (1 − α) p
+    is_sgo = sgo != 0
+    total = None
+    # Each row is active under exactly one kind (the other's κ is 0, its value and sum exactly 0).
+    for kind, k in (("skl", torch.where(is_sgo, 0.0, kappa)), ("srkl", torch.where(is_sgo, kappa, 0.0))):
+        value, row_sum = impl.forward_given_pairs(student_shard, teacher_shard, local, k.contiguous(), log_w, lse,
+                                                  lse_t, kind=kind, temperature=temperature, ignore_index=-1)
+        part = torch.stack([value.reshape(-1), row_sum.reshape(-1)], 1)
+        total = part if total is None else total + part
+    total = distributed.all_reduce_sum(total, group)
+    return total[:, 0].contiguous(), total[:, 1].contiguous()
+
+
+class VocabParallelASKD(torch.autograd.Function):
+    """``askd_forward`` (or ``askd_packed_forward``, with ``maps``) on a vocabulary shard.
+
+    Forward: :func:`global_label_stats` (one ``all_gather``; plus :func:`full_vocab_sums`' one
+    ``all_reduce`` for ``rao_blackwell``), then stage (b) — :func:`.ops.run_coefficients` — on the
+    replicated per-token vectors: every rank computes the same values, λ and coefficients. Backward:
+    stage (c) of the backend on this shard with the shard's labels (another shard's label is column
+    ``width``, which matches no column) and the *global* (max, log-sum) pairs — exactly this shard's
+    columns of the unsharded gradient, with no collective.
+
+    A ``torch.autograd.Function`` rather than a custom op: a ``ProcessGroup`` is no custom-op
+    argument. Inputs as the ops take them (validated ``labels`` etc.); ``maps`` is the packed rows'
+    :class:`.ops._Layout` (then the shards are ``[N, 1, width]`` rows) or None. Returns
+    ``(value, log_q, log_ratio, lam, coef)``, the last four non-differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, student_shard, labels, teacher_shard, teacher_logprobs, student_generated, alpha, kappa,
+                old_logprobs, baseline_groups, maps, w_max, estimator, gamma, length_normalize, temperature,
+                ignore_index, group):
+        stage = ops.stages(student_shard.device)
+        full_vocab = estimator == "rao_blackwell"
+        log_q, log_p, lse, lse_t, local = global_label_stats(
+            stage, student_shard, labels, teacher_shard, temperature=temperature, ignore_index=ignore_index,
+            group=group)
+        valid = labels.reshape(-1) != ignore_index
+        if log_p is None:
+            log_p = teacher_logprobs.reshape(-1)
+        log_ratio = torch.where(valid, log_p - log_q, 0.0)
+        # per row of the shard: the sequence's α, flag, κ (packed rows: each token is its own row)
+        seq = None if maps is None else maps.seq_of_token
+        row_alpha, row_sgo, row_kappa = (x if seq is None else x[seq] for x in (alpha, student_generated, kappa))
+        fv_value = fv_sum = None
+        if full_vocab:
+            fv_value, fv_sum = full_vocab_sums(student_shard, local, teacher_shard, lse, lse_t, row_alpha, row_sgo,
+                                               row_kappa, temperature=temperature, group=group)
+        options = (baseline_groups, w_max, estimator, gamma, length_normalize, ignore_index)
+        if maps is None:
+            lam, coef, value = ops.run_coefficients(stage, log_q, log_ratio, labels, student_generated, alpha, kappa,
+                                                    old_logprobs, *options, fv_value=fv_value)
+        else:  # as askd_packed_forward: stage (b) on the [S, L] layout, λ and the factor moved back
+            seq_old = None if old_logprobs is None else maps.to_sequences(old_logprobs, 0.0)
+            seq_fv = None if fv_value is None else maps.to_sequences(fv_value, 0.0).reshape(-1)
+            lam, coef, value = ops.run_coefficients(
+                stage, maps.to_sequences(log_q, 0.0).reshape(-1), maps.to_sequences(log_ratio, 0.0).reshape(-1),
+                maps.to_sequences(labels, ignore_index), student_generated, alpha, kappa, seq_old, *options,
+                fv_value=seq_fv)
+            lam, coef = maps.to_tokens(lam), maps.to_tokens(coef)
+        coef = coef.reshape(-1).contiguous()
+        ctx.save_for_backward(student_shard, local, teacher_shard if full_vocab else None, coef, lse,
+                              lse_t if full_vocab else None, fv_sum, row_alpha, row_sgo, row_kappa, seq)
+        ctx.options = (full_vocab, temperature)
+        per_token = tuple(x.reshape(labels.shape) for x in (log_q, log_ratio, lam, coef))
+        ctx.mark_non_differentiable(*per_token)
+        return (value, *per_token)
+
+    @staticmethod
+    def backward(ctx, grad_value, *_unused_grads):
+        none = (None,) * 16
+        if not ctx.needs_input_grad[0]:
+            return (None, *none)
+        student_shard, local, teacher_shard, coef, lse, lse_t, fv_sum, alpha, sgo, kappa, seq = ctx.saved_tensors
+        full_vocab, temperature = ctx.options
+        stage = ops.stages(student_shard.device)
+        grad = grad_value.float()
+        grad = (grad if seq is None else grad[seq]).contiguous()  # packed rows: per token
+        if full_vocab:
+            grad_shard = stage.full_vocab_gradient(student_shard, local, teacher_shard, coef, lse, lse_t, fv_sum,
+                                                   alpha, sgo, kappa, grad, temperature=temperature, ignore_index=-1)
+        else:
+            grad_shard = stage.student_gradient(student_shard, local, coef, lse, grad, temperature=temperature)
+        return (grad_shard, *none)
