@@ -31,6 +31,30 @@ Backend choice is the ASKD family's (:func:`askd_kernels.askd.ops.stages`): the 
 CUDA, the chunked PyTorch stages of :mod:`askd_kernels.askd.cpu` on CPU. All three functions are
 ``torch.library`` custom ops with fake implementations and a registered autograd formula, so
 ``torch.compile(fullgraph=True)`` traces through them.
+
+Vocabulary parallel (``process_group=``): each rank holds a contiguous row-slice ``[width_r, H]`` of
+the weight (vocabulary ids ``[start_r, start_r + width_r)``, rank order, any widths), of its bias,
+and of the teacher head's weight and bias (the same widths); hidden states and the global labels are
+the same on every rank. The same chunk loops run on the shard, with the shard's labels
+(:func:`askd_kernels.distributed.local_labels`), inside a ``torch.autograd.Function`` (a
+``ProcessGroup`` is no custom-op argument):
+
+* forward: per chunk, :func:`~askd_kernels.askd.vocab_parallel.shard_label_stats` of the shard's
+  logits — the shard's (max, log-sum) pair and the label's in-shard log-prob, 4 fp32 numbers per
+  token and model — kept for the whole batch; then ONE ``all_gather`` and
+  :func:`~askd_kernels.askd.vocab_parallel.combine_label_stats` give every rank the whole rows'
+  pairs, log q and ℓ, and stage (b) runs replicated. ``rao_blackwell`` adds a second chunk pass:
+  the shard's partial full-vocabulary value and S under the global pairs (the divergence family's
+  ``forward_given_pairs``), added by ONE ``all_reduce`` of two numbers per token;
+* backward: per chunk the shard's logits are recomputed and stage (c) writes the shard's columns of
+  ``grad_logits`` from the global pairs (another shard's label marks no column); the shard's rows of
+  ``grad_W``/``grad_b`` are exactly those of the unsharded gradients; ``grad_hidden`` is the sum over
+  all vocabulary columns, so each rank forms its partial ``grad_logits @ W_shard`` into an fp32
+  ``[B·T, H]`` buffer and ONE ``all_reduce`` adds them (fp32: the sum is rounded once to the hidden
+  states' dtype, as the unsharded GEMM's output is; B·T·H·4 bytes of buffer and traffic).
+
+Every rank must make the call with the same hidden states, labels and options; every rank gets the
+same loss, stats and ``grad_hidden``. Chunk sizes follow each rank's own width.
 """
 import inspect
 import warnings
@@ -40,9 +64,12 @@ import torch
 from torch import Tensor
 
 from .. import _checks as check
+from .. import distributed
+from ..divergence import ops as divergence_ops
 from .._custom_op import custom_op
 from .api import option_parameters, bind_options, check_askd_options, detached_fp32, finish_askd
 from .ops import forward_fake, run_coefficients, stages
+from .vocab_parallel import combine_label_stats, shard_label_stats
 
 # Entries of one chunk's logits (tests lower it to force several chunks on tiny shapes).
 LOGITS_CHUNK_ELEMENTS = 1 << 27
@@ -106,31 +133,65 @@ def _per_row(logits: Tensor) -> Tensor:
 
 
 def _chunked_row_stats(student: Head, labels, teacher_logprobs, teacher: Optional[Head], temperature, ignore_index,
-                       per_token=None):
+                       per_token=None, local=None, pairs=None):
     """Stage (a) chunk by chunk. Returns fp32 ``[log_q, log_ratio, lse]`` over the B·T tokens, and for
     rao_blackwell (``per_token`` = the per-token α, SGO flag and κ) also ``lse_t, fv_value, fv_sum``.
     The teacher is its head's logits, else ``teacher_logprobs``; without either the teacher slot reads
-    zeros and ``log_ratio`` is meaningless."""
+    zeros and ``log_ratio`` is meaningless.
+
+    On a vocabulary shard (``local``: this shard's labels, flat [B·T], see
+    :func:`askd_kernels.distributed.local_labels`) it returns ``[stats]`` instead: the
+    :func:`~askd_kernels.askd.vocab_parallel.shard_label_stats` of the student's shard ``[B·T, 4]``,
+    followed by the teacher head's (``[B·T, 8]``), for one gather of the whole batch afterwards. With
+    ``pairs`` = the whole rows' ``(lse, lse_t)`` and the per-token ``(log α, log(1−α))`` [B·T, 2], κ of
+    the TGO rows and κ of the SGO rows (0 elsewhere), it is rao_blackwell's second pass on the shard:
+    ``[partial]``, the shard's partial ``(fv_value, fv_sum)`` [B·T, 2] (skl on TGO rows, srkl on SGO
+    rows), for one all_reduce afterwards."""
     stage = stages(student.hidden.device)
     n = labels.numel()
     flat_labels = labels.view(n)
-    shapes = (n, n, (n, 2)) + (((n, 2), n, n) if per_token is not None else ())
-    out = [torch.empty(shape, dtype=torch.float32, device=student.hidden.device) for shape in shapes]
-    for start, stop in _chunks(student, teacher):
-        z = student.logits(student.rows(start, stop))
-        lab = flat_labels[start:stop]
-        w = None if teacher is None else teacher.logits(teacher.rows(start, stop))
-        if per_token is not None:
-            stats = stage.full_vocab_row_stats(_per_row(z), lab.view(-1, 1), _per_row(w),
-                                               *(x[start:stop] for x in per_token),
-                                               temperature=temperature, ignore_index=ignore_index)
-        else:
+    if pairs is not None:
+        impl = divergence_ops._impl(student.hidden.device)  # the divergence family's kernels or CPU path
+        lse, lse_t, log_w, kappa_tgo, kappa_sgo = pairs
+        shapes = ((n, 2),)
+
+        def chunk(z, w, start, stop):
+            part = torch.zeros((stop - start, 2), dtype=torch.float32, device=z.device)
+            for kind, kappa in (("skl", kappa_tgo), ("srkl", kappa_sgo)):  # each row active under one kind
+                value, row_sum = impl.forward_given_pairs(
+                    _per_row(z), _per_row(w), local[start:stop].view(-1, 1), kappa[start:stop], log_w[start:stop],
+                    lse[start:stop], lse_t[start:stop], kind=kind, temperature=temperature, ignore_index=-1)
+                part += torch.stack([value, row_sum], 1)
+            return (part,)
+    elif local is not None:
+        shapes = ((n, 4 if teacher is None else 8),)
+
+        def chunk(z, w, start, stop):
+            lab = local[start:stop].view(1, -1)
+            parts = [shard_label_stats(stage, x, lab, temperature) for x in (z, w) if x is not None]
+            return (torch.cat(parts, 1) if len(parts) > 1 else parts[0],)
+    elif per_token is not None:
+        shapes = (n, n, (n, 2), (n, 2), n, n)
+
+        def chunk(z, w, start, stop):
+            return stage.full_vocab_row_stats(_per_row(z), flat_labels[start:stop].view(-1, 1), _per_row(w),
+                                              *(x[start:stop] for x in per_token),
+                                              temperature=temperature, ignore_index=ignore_index)
+    else:
+        shapes = (n, n, (n, 2))
+
+        def chunk(z, w, start, stop):
             tlp = None
             if w is None:
                 tlp = (torch.zeros(stop - start, dtype=torch.float32, device=z.device)
                        if teacher_logprobs is None else teacher_logprobs.view(n)[start:stop]).view(1, -1)
-            stats = stage.row_stats(z, lab.view(1, -1), w, tlp, temperature=temperature, ignore_index=ignore_index)
-        for dst, src in zip(out, stats):
+            return stage.row_stats(z, flat_labels[start:stop].view(1, -1), w, tlp, temperature=temperature,
+                                   ignore_index=ignore_index)
+    out = [torch.empty(shape, dtype=torch.float32, device=student.hidden.device) for shape in shapes]
+    for start, stop in _chunks(student, teacher):
+        z = student.logits(student.rows(start, stop))
+        w = None if teacher is None else teacher.logits(teacher.rows(start, stop))
+        for dst, src in zip(out, chunk(z, w, start, stop)):
             dst[start:stop] = src
     return out
 
@@ -156,19 +217,45 @@ def _add_weight_grad(acc: Tensor, grad_rows: Tensor, rows: Tensor) -> None:
         acc.addmm_(grad_rows.T.float(), rows.float())
 
 
+def _hidden_grad_fp32(dst: Tensor, grad_rows: Tensor, weight: Tensor, weight_fp32: Optional[Tensor]):
+    """``dst [C, H] (fp32) = grad_rows @ weight`` with fp32 output: a shard's partial sum of
+    grad_hidden, kept in fp32 until the shards' partials are added (then rounded once, as the
+    unsharded GEMM's output is). ``weight_fp32``: an fp32 copy of a low-precision weight for devices
+    without a mixed-precision GEMM (CPU), else None. Returns the copy to use for the next chunks."""
+    if grad_rows.dtype == torch.float32:
+        torch.mm(grad_rows, weight, out=dst)
+        return weight_fp32
+    if weight_fp32 is None:
+        try:  # CUDA: the bf16/fp16 tensor-core GEMM with fp32 output, no fp32 copy
+            torch.mm(grad_rows, weight, out_dtype=torch.float32, out=dst)
+            return None
+        except (TypeError, RuntimeError, NotImplementedError):
+            weight_fp32 = weight.float()  # no mm with out_dtype here: one copy for the remaining chunks
+    torch.mm(grad_rows.float(), weight_fp32, out=dst)
+    return weight_fp32
+
+
 def _chunked_backward(student: Head, labels, scale, lse, temperature, ignore_index, need_hidden, need_weight,
-                      need_bias, teacher: Optional[Head] = None, full_vocab=None):
+                      need_bias, teacher: Optional[Head] = None, full_vocab=None, partial=False):
     """Stage (c) chunk by chunk with per-token factor ``scale`` (fp32 [B·T], zero where no gradient),
     then the two GEMMs of the linear layer. For rao_blackwell, ``full_vocab`` holds the per-token
     ``(lse_t, fv_sum, κ·g, α, SGO flag)`` and ``teacher`` the teacher's head. Gradients not needed
-    come back as empty tensors."""
+    come back as empty tensors.
+
+    ``partial``: the weight is a vocabulary shard (``labels`` are then the shard's labels and ``lse``
+    the whole row's pairs); grad_hidden comes back as this shard's fp32 partial sum ``[B, T, H]``, to
+    be summed over the shards by the caller."""
     hidden, weight = student.hidden, student.weight
     stage = stages(hidden.device)
     B, T, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
     flat_labels = labels.view(-1)
-    grad_hidden = torch.empty((B, T, H) if need_hidden else (0,), dtype=hidden.dtype, device=dev)
+    grad_hidden = torch.empty((B, T, H) if need_hidden else (0,), dtype=torch.float32 if partial else hidden.dtype,
+                              device=dev)
+    weight_fp32 = None
+    if partial and need_hidden and weight.dtype != torch.float32 and not weight.is_cuda:
+        weight_fp32 = weight.float()  # CPU: no mixed-precision GEMM (V_shard·H·4 bytes, like grad_W's accumulator)
     grad_weight = torch.zeros((V, H) if need_weight else (0,), dtype=torch.float32, device=dev)
     grad_bias = torch.zeros((V,) if need_bias else (0,), dtype=torch.float32, device=dev)
     for start, stop in _chunks(student, teacher):
@@ -187,7 +274,11 @@ def _chunked_backward(student: Head, labels, scale, lse, temperature, ignore_ind
             grad_rows = stage.student_gradient(z, lab.view(1, -1), scale[start:stop], lse[start:stop], one[:1],
                                                temperature=temperature)[0]
         if need_hidden:
-            torch.mm(grad_rows, weight, out=grad_hidden.view(B * T, H)[start:stop])
+            dst = grad_hidden.view(B * T, H)[start:stop]
+            if partial:
+                weight_fp32 = _hidden_grad_fp32(dst, grad_rows, weight, weight_fp32)
+            else:
+                torch.mm(grad_rows, weight, out=dst)
         if need_weight:
             _add_weight_grad(grad_weight, grad_rows, rows)
         if need_bias:
@@ -327,6 +418,138 @@ def linear_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tenso
     return log_q.view(labels.shape), lse.view(*labels.shape, 2)
 
 
+# ---- vocabulary parallel: the weight's rows sharded over a process group --------------------------
+#
+# A ProcessGroup cannot be a custom-op argument, so the sharded path is a torch.autograd.Function over
+# the same chunk loops. Collectives: the forward gathers the per-token shard statistics of the whole
+# batch once (4 fp32 numbers per token and model); the backward all-reduces grad_hidden once.
+
+def _combine_shards(shard_stats: Tensor, labels: Tensor, ignore_index: int, temperature: float, group):
+    """One ``all_gather`` of this rank's ``[n, 4·k]`` shard statistics (k = 1: the student; 2: and the
+    teacher's head), then the whole rows' values, the same on every rank: ``(log_q, log_p_or_None,
+    lse, lse_t_or_None)`` — as :func:`~askd_kernels.askd.vocab_parallel.global_label_stats`, for
+    statistics gathered chunk by chunk: log-probs 0 at ignored positions and NaN at a valid label that
+    no shard holds exactly once; pairs (0, 0) at ignored positions, as on one device."""
+    gathered = distributed.gather_rows(shard_stats, group)
+    valid = labels.reshape(-1) != ignore_index
+    inv_tau = 1.0 / temperature
+    out = []
+    for i in range(shard_stats.shape[1] // 4):
+        pair, log_prob, owners = combine_label_stats(gathered[..., 4 * i:4 * i + 4], inv_tau)
+        out.append((torch.where(valid & (owners != 1), float("nan"), log_prob),
+                    torch.where(valid.unsqueeze(1), pair, 0.0)))
+    (log_q, lse), (log_p, lse_t) = out[0], (out[1] if len(out) > 1 else (None, None))
+    return log_q, log_p, lse, lse_t
+
+
+def _sum_over_shards(partial: Tensor, group) -> Tensor:
+    """``partial`` (a buffer of ours, fp32) summed over the group in place: one ``all_reduce``."""
+    import torch.distributed as dist
+
+    dist.all_reduce(partial, op=dist.ReduceOp.SUM, group=group)
+    return partial
+
+
+class _VocabParallelASKD(torch.autograd.Function):
+    """``linear_askd_forward`` with ``weight``/``bias`` (and the teacher head's) this rank's rows of
+    the vocabulary; ``local`` the shard's labels. Same outputs, the same on every rank."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, local, teacher_logprobs, teacher_hidden, teacher_weight,
+                teacher_bias, student_generated, alpha, kappa, old_logprobs, baseline_groups, w_max, estimator,
+                gamma, length_normalize, temperature, ignore_index, group):
+        B, T = labels.shape
+        n = B * T
+        student = Head(hidden, weight, bias)
+        teacher = None if teacher_hidden is None else Head(teacher_hidden, teacher_weight, teacher_bias)
+        (shard_stats,) = _chunked_row_stats(student, labels, None, teacher, temperature, ignore_index,
+                                            local=local.view(n))
+        log_q, log_p, lse, lse_t = _combine_shards(shard_stats, labels, ignore_index, temperature, group)
+        if log_p is None:
+            log_p = teacher_logprobs.view(n)
+        log_ratio = torch.where(labels.view(n) != ignore_index, log_p - log_q, 0.0)
+        fv_value = fv_sum = None
+        full_vocab = estimator == "rao_blackwell"
+        if full_vocab:  # the second pass under the whole rows' pairs, one all_reduce of two numbers per token
+            a, sgo, k = (x.repeat_interleave(T) for x in (alpha, student_generated, kappa))
+            log_w = torch.stack([torch.log(a), torch.log1p(-a)], 1)
+            kappas = (torch.where(sgo != 0, 0.0, k), torch.where(sgo != 0, k, 0.0))
+            (partial,) = _chunked_row_stats(student, labels, None, teacher, temperature, ignore_index,
+                                            local=local.view(n), pairs=(lse, lse_t, log_w, *kappas))
+            fv_value, fv_sum = (x.contiguous() for x in _sum_over_shards(partial, group).unbind(1))
+        lam, coef, value = run_coefficients(stages(hidden.device), log_q, log_ratio, labels, student_generated,
+                                            alpha, kappa, old_logprobs, baseline_groups, w_max, estimator, gamma,
+                                            length_normalize, ignore_index, fv_value=fv_value)
+        saved = (teacher_hidden, teacher_weight, teacher_bias, lse_t, fv_sum) if full_vocab else (None,) * 5
+        ctx.save_for_backward(hidden, weight, bias, local, lse, coef.view(B, T), alpha, student_generated, kappa,
+                              *saved)
+        ctx.options = (temperature, group, full_vocab)
+        extra = (lse_t.view(B, T, 2), fv_sum.view(B, T)) if full_vocab else forward_fake(labels)[6:]
+        outputs = (value, *(x.view(B, T) for x in (log_q, log_ratio, lam, coef)), lse.view(B, T, 2), *extra)
+        ctx.mark_non_differentiable(*outputs[1:])
+        return outputs
+
+    @staticmethod
+    def backward(ctx, grad_value, *_unused):
+        (hidden, weight, bias, local, lse, coef, alpha, sgo, kappa, t_hidden, t_weight, t_bias, lse_t,
+         fv_sum) = ctx.saved_tensors
+        temperature, group, full_vocab = ctx.options
+        g = grad_value.float().unsqueeze(1)
+        scale = (coef * g).view(-1)  # κ·w·λ·g_b per token, coef [B, T] (rao_blackwell: the future term's factor)
+        teacher = full_vocab_args = None
+        if full_vocab:
+            T = coef.shape[1]
+            teacher = Head(t_hidden, t_weight, t_bias)
+            full_vocab_args = (lse_t, fv_sum, *(x.repeat_interleave(T) for x in ((kappa * g.squeeze(1)), alpha)),
+                               sgo.repeat_interleave(T).contiguous())
+        grads = _shard_backward(ctx, hidden, weight, bias, local, scale, lse, temperature, group, teacher,
+                                full_vocab_args)
+        return (*grads, *(None,) * 18)
+
+
+def _shard_backward(ctx, hidden, weight, bias, local, scale, lse, temperature, group, teacher=None,
+                    full_vocab=None):
+    """``(grad_hidden, grad_weight, grad_bias)`` (None where not needed) of a vocabulary shard: stage
+    (c) on the shard's columns from the whole rows' pairs ``lse`` (rao_blackwell: ``teacher`` and
+    ``full_vocab`` as for :func:`_chunked_backward`, with the global ``lse_t`` and ``fv_sum``), this
+    shard's rows of grad_weight and grad_bias, and grad_hidden summed over the shards (one
+    ``all_reduce``, in fp32)."""
+    need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+    if not any(need):
+        return None, None, None
+    grad_hidden, grad_weight, grad_bias = _chunked_backward(
+        Head(hidden, weight, bias), local, scale, lse.view(-1, 2), temperature, -1, *need, teacher, full_vocab,
+        partial=True)
+    if need[0]:
+        grad_hidden = _sum_over_shards(grad_hidden, group).to(hidden.dtype)
+    return tuple(g if needed else None for g, needed in zip((grad_hidden, grad_weight, grad_bias), need))
+
+
+class _VocabParallelLogprobs(torch.autograd.Function):
+    """``linear_logprobs_forward`` on this rank's rows of the vocabulary: ``log_q`` [B, T]."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, local, temperature, ignore_index, group):
+        n = labels.numel()
+        (shard_stats,) = _chunked_row_stats(Head(hidden, weight, bias), labels, None, None, temperature,
+                                            ignore_index, local=local.view(n))
+        log_q, _log_p, lse, _lse_t = _combine_shards(shard_stats, labels, ignore_index, temperature, group)
+        # ∂log q/∂z = (onehot − softmax)/τ: stage (c)'s (softmax − onehot)/τ with factor −g; a NaN log q
+        # (a label outside the vocabulary) makes its gradient row NaN, as on one device.
+        ctx.save_for_backward(hidden, weight, bias, local, lse, log_q.isnan())
+        ctx.options = (temperature, group)
+        return log_q.view(labels.shape)
+
+    @staticmethod
+    def backward(ctx, grad_log_q):
+        hidden, weight, bias, local, lse, poisoned = ctx.saved_tensors
+        temperature, group = ctx.options
+        scale = torch.where(local.view(-1) != -1, -grad_log_q.float().reshape(-1), 0.0)
+        scale = torch.where(poisoned, float("nan"), scale)
+        grads = _shard_backward(ctx, hidden, weight, bias, local, scale, lse, temperature, group)
+        return (*grads, *(None,) * 5)
+
+
 # ---- public functions ------------------------------------------------------------------------------
 
 def _check_head(hidden, weight, bias, names):
@@ -352,7 +575,8 @@ def _check_head(hidden, weight, bias, names):
 
 
 def token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, lm_head_bias: Optional[Tensor] = None,
-                   temperature: float = 1.0, ignore_index: int = -100, bias: Optional[Tensor] = None) -> Tensor:
+                   temperature: float = 1.0, ignore_index: int = -100, bias: Optional[Tensor] = None,
+                   process_group=None) -> Tensor:
     """``log softmax((hidden @ weight.T + lm_head_bias)/τ)[labels]`` per token, without materialising logits.
 
     Args:
@@ -364,6 +588,11 @@ def token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, lm_head_bi
         lm_head_bias: optional ``[V]``, the same dtype (the name ``askd_loss_from_hidden`` uses).
         temperature: τ > 0 applied to the logits.
         bias: the old name of ``lm_head_bias``; still accepted, with a ``DeprecationWarning``.
+        process_group: vocabulary parallelism (see :func:`askd_loss_from_hidden`): ``weight`` and
+            ``lm_head_bias`` are this rank's contiguous rows of the vocabulary (rank order, any
+            widths); ``hidden`` and the global ``labels`` the same on every rank. Every rank gets the
+            same result; the backward gives every rank the full ``grad_hidden`` and its own rows of the
+            weight's and bias' gradients. One ``all_gather`` forward, one ``all_reduce`` backward.
 
     Returns fp32 ``[B, T]`` (``[N]`` for flat input), differentiable w.r.t. ``hidden``, ``weight``
     and ``lm_head_bias`` (gradients in their dtype; ``grad_weight``/``grad_bias`` accumulated in
@@ -392,6 +621,15 @@ def token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, lm_head_bi
     check.same_device(hidden.device, reference="hidden", labels=labels)
     temperature = check.temperature(temperature)
     check.integer("ignore_index", ignore_index)
+    group = distributed.vocab_group(process_group)
+    if group is not None:
+        start, total = distributed.vocab_shard(V, group)
+        check.labels_in_vocab(labels, ignore_index, total, vocabulary="the rows of weight over process_group")
+        labels = check.index_labels(labels)
+        local = distributed.local_labels(labels, start, V, ignore_index).contiguous()
+        log_q = _VocabParallelLogprobs.apply(hidden, weight, lm_head_bias, labels, local, temperature, ignore_index,
+                                             group)
+        return log_q.view(-1) if flat else log_q
     check.labels_in_vocab(labels, ignore_index, V, vocabulary="the rows of weight")
     log_q, _lse = linear_logprobs_forward(hidden, weight, lm_head_bias, check.index_labels(labels), temperature,
                                           ignore_index)
@@ -424,6 +662,21 @@ def askd_loss_from_hidden(
     the gradient are those of ``askd_loss`` on the materialised logits (which are rounded to the
     inputs' dtype there too); ``grad_weight``/``grad_bias`` are accumulated in fp32 over the chunks
     and returned in the weight's dtype.
+
+    ``process_group``: vocabulary parallelism over a ``torch.distributed`` ``ProcessGroup``
+    (``TypeError`` for anything else). ``lm_head_weight`` / ``lm_head_bias`` are then this rank's
+    contiguous rows of the vocabulary ``[start_r, start_r + width_r)`` (in rank order; widths may
+    differ), and so are ``teacher_lm_head_weight`` / ``teacher_lm_head_bias`` (the same width as
+    the student's on each rank, a ``ValueError`` otherwise) — or ``teacher_logprobs`` are given
+    whole. ``student_hidden``, ``teacher_hidden``, the global ``labels`` (checked against all
+    shards' rows together) and every option are the same on every rank, and every rank must make
+    the call. Every rank gets the loss and stats of the unsharded call; the backward gives every
+    rank the whole ``grad_hidden`` (the same on all ranks) and its own rows of ``grad_weight`` /
+    ``grad_bias``. Collectives: one ``all_gather`` of 4 fp32 numbers per token (8 with the teacher's
+    head) and, for ``rao_blackwell``, one ``all_reduce`` of 2 in the forward; one ``all_reduce`` of
+    the fp32 ``grad_hidden`` in the backward; plus, the first time a shard width is seen, one
+    exchange of the widths. The sharded path is a ``torch.autograd.Function`` over the same chunk
+    loops, not one of the custom ops.
     """
     B, T, V = _check_head(student_hidden, lm_head_weight, lm_head_bias,
                           ("student_hidden", "lm_head_weight", "lm_head_bias"))
@@ -447,9 +700,22 @@ def askd_loss_from_hidden(
         check.tensor("teacher_logprobs", teacher_logprobs, shape=(B, T), floating=check.LOGIT_DTYPES)
     options = bind_options("askd_loss_from_hidden", options)
     return_stats = options.pop("return_stats")
+    group = distributed.vocab_group(options["process_group"])
+    if group is not None and teacher is not None and teacher_lm_head_weight.shape[0] != V:
+        raise ValueError(f"with process_group, teacher_lm_head_weight must hold the same rows of the vocabulary "
+                         f"as lm_head_weight: {V} rows on this rank, got {teacher_lm_head_weight.shape[0]}")
+    # With process_group the labels are checked last, against all shards' rows together (the first
+    # call with a given width exchanges the widths: a collective, after every other check).
     args = check_askd_options(student_hidden.device, labels, V,
                               teachers={"teacher_logprobs": teacher_logprobs, "teacher_hidden": teacher_hidden},
                               reference="student_hidden", **options)
+    if group is not None:
+        start, _total = distributed.vocab_shard(V, group)  # remembered from the check: no exchange
+        local = distributed.local_labels(args.labels, start, V, args.ignore_index).contiguous()
+        outputs = _VocabParallelASKD.apply(student_hidden, lm_head_weight, lm_head_bias, args.labels, local,
+                                           detached_fp32(teacher_logprobs), *(teacher or (None,) * 3),
+                                           *args.op_args(), group)
+        return finish_askd(outputs, args, return_stats)
     outputs = linear_askd_forward(student_hidden, lm_head_weight, lm_head_bias, args.labels,
                                   detached_fp32(teacher_logprobs), *(teacher or (None,) * 3), *args.op_args())
     return finish_askd(outputs, args, return_stats)
