@@ -19,6 +19,7 @@ The reported ``loss`` of one rank is then its share times ``W``; after
 ``total = loss.detach().clone(); dist.all_reduce(total)``, ``total / W`` is the whole batch's mean loss.
 Tested with ``gloo`` on CPU in ``tests/test_distributed.py``; ``docs/integration.md`` has the details.
 """
+import weakref
 from typing import Sequence, Union
 
 import torch
@@ -109,7 +110,10 @@ def ddp_num_items(labels: Union[Tensor, Sequence[Tensor]], *, ignore_index: int 
 # the sum of the shards' partial sums. These helpers are that plain-torch combination; the per-shard
 # statistics come from each family's kernels (or CPU path).
 
-_SHARDS = {}  # (group name, local width) → (start, total): the layout of a sharded vocabulary
+# group → {local width: (start, total)}: the layout of a sharded vocabulary. Keyed by the group object
+# (weakly), not its name: a name such as the default group's "0" comes back after
+# destroy_process_group and a new init_process_group, possibly with another layout.
+_SHARDS = weakref.WeakKeyDictionary()
 
 
 def vocab_group(process_group):
@@ -133,8 +137,8 @@ def vocab_shard(width: int, group) -> tuple:
     sharding of an lm_head does not change between steps."""
     import torch.distributed as dist
 
-    key = (group.group_name, int(width))
-    if key not in _SHARDS:
+    known = _SHARDS.setdefault(group, {})
+    if int(width) not in known:
         size, rank = dist.get_world_size(group), dist.get_rank(group)
         mine = torch.tensor([width], dtype=torch.int64)
         if dist.get_backend(group) == "nccl":
@@ -144,8 +148,8 @@ def vocab_shard(width: int, group) -> tuple:
         widths = [int(w) for w in widths]
         if min(widths) < 1:
             raise ValueError(f"every rank of process_group needs at least one vocabulary column, got widths {widths}")
-        _SHARDS[key] = (sum(widths[:rank]), sum(widths))
-    return _SHARDS[key]
+        known[int(width)] = (sum(widths[:rank]), sum(widths))
+    return known[int(width)]
 
 
 def local_labels(labels: Tensor, start: int, width: int, ignore_index: int) -> Tensor:
