@@ -15,17 +15,16 @@ Everything runs in one spawn of 3 processes (a module fixture: the children's st
 torch — is most of the time): the 3-rank cases on the default group (``process_group=None`` where the
 call allows it), the 2-rank cases on ranks 0 and 1 through a ``new_group`` passed explicitly as
 ``process_group`` (and to DDP). The children use the torch backend and report through files in
-``tmp_path``; the run is bounded (the store and collectives time out after 30 s, and the parent
-kills the children and fails after ``_DEADLINE_S``).
+``tmp_path``; the run is bounded (``tests/_spawn.py``: the store and collectives time out after
+30 s, and the parent kills the children and fails after ``_DEADLINE_S``).
 """
-import datetime
 import os
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from _spawn import spawn
 
 import askd_kernels as ak
 from askd_kernels.distributed import ddp_num_items, global_num_items
@@ -33,34 +32,6 @@ from askd_kernels.distributed import ddp_num_items, global_num_items
 WORLDS = (2, 3)
 _DEADLINE_S = 90.0
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-
-
-def _spawn(fn, tmp_path, world, *args):
-    """Run ``fn(rank, world, out_dir, *args)`` on ``world`` spawned processes; fail after the deadline."""
-    store = tmp_path / "store"
-    ctx = mp.start_processes(_child, args=(fn, world, str(store), str(tmp_path)) + args, nprocs=world,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + _DEADLINE_S
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"the {world} processes did not finish within {_DEADLINE_S} s")
-
-
-def _child(rank, fn, world, store, out_dir, *args):
-    os.environ["ASKD_KERNELS_BACKEND"] = "torch"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=30))
-    try:
-        fn(rank, world, out_dir, *args)
-        # every rank done before any tears gloo down: a rank that destroys its group while the other
-        # still talks to it can abort ("terminate called without an active exception")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def _run_all(rank, world, out_dir):
@@ -79,7 +50,7 @@ def _run_all(rank, world, out_dir):
 @pytest.fixture(scope="module")
 def _reports(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ranks")
-    _spawn(_run_all, tmp, max(WORLDS))
+    spawn(_run_all, tmp, max(WORLDS), deadline=_DEADLINE_S)
     return [torch.load(tmp / f"rank{r}.pt") for r in range(max(WORLDS))]
 
 

@@ -48,6 +48,15 @@ def _buffers(blocks, V, device, count):
     return lambda: [torch.empty((rows, V), dtype=torch.float32, device=device) for _ in range(count)]
 
 
+def _given_log_probs(z_rows, w_rows, buffers, lse_s, lse_t, inv_tau):
+    """``(log q, log p)`` of a block of rows from their given (max, log-sum) pairs ``[r, 2]``:
+    ``(z − m)/τ − s`` written into the two fp32 block ``buffers``, which are returned."""
+    x, y = buffers
+    for rows, out, pair in ((z_rows, x, lse_s), (w_rows, y, lse_t)):
+        shift_into(out, rows, pair[:, 0], inv_tau).sub_(pair[:, 1:])
+    return x, y
+
+
 def forward(student_logits, teacher_logits, labels, kappa, log_w, *, kind, temperature, ignore_index):
     """See :func:`askd_kernels.divergence.triton.forward`. Returns fp32 ``(value [B·T], row_sum [B·T],
     lse_s [B·T, 2], lse_t [B·T, 2])``."""
@@ -132,9 +141,8 @@ def forward_given_pairs(student_logits, teacher_logits, labels, kappa, log_w, ls
 
     def block(a, b, _mask, buffers):
         r = b - a
-        x, y = (buf[:r] for buf in buffers)
-        for rows, out, pair in ((z_rows(a, b), x, lse_s), (w_rows(a, b), y, lse_t)):
-            shift_into(out, rows, pair[a:b, 0], inv_tau).sub_(pair[a:b, 1:])
+        x, y = _given_log_probs(z_rows(a, b), w_rows(a, b), (buf[:r] for buf in buffers), lse_s[a:b], lse_t[a:b],
+                                inv_tau)
         v, g, _q = divergence_terms(x, y, weights[a:b, :1], weights[a:b, 1:], kind)
         torch.sum(v, -1, out=value[a:b])
         torch.sum(g, -1, out=row_sum[a:b])
@@ -163,9 +171,8 @@ def backward(student_logits, teacher_logits, labels, kappa, log_w, lse_s, lse_t,
 
     def block(a, b, _mask, buffers):
         r = b - a
-        x, y = (buf[:r] for buf in buffers)
-        for rows, out, pair in ((z_rows(a, b), x, lse_s), (w_rows(a, b), y, lse_t)):
-            shift_into(out, rows, pair[a:b, 0], inv_tau).sub_(pair[a:b, 1:])
+        x, y = _given_log_probs(z_rows(a, b), w_rows(a, b), (buf[:r] for buf in buffers), lse_s[a:b], lse_t[a:b],
+                                inv_tau)
         _v, g, q = divergence_terms(x, y, weights[a:b, :1], weights[a:b, 1:], kind)
         g = g.sub_(q.mul_(total[a:b])).mul_(scale[a:b])  # g/τ · (a_v − q_v·S), in place
         grad[a:b, :V].copy_(g)
