@@ -5,7 +5,10 @@ shapes launch (bf16, B = 8, T = 2048, V = 151936 and V = 151943) for sm_90 (H100
 and reports per kernel: registers, spills/stack, shared memory, occupancy, and per loop of the SASS
 the instructions and MUFU ops per element and the width of every global load/store; plus the bytes
 per element the kernels move (``bench/traffic.py``, counted under the interpreter) and a PREDICTED
-time and % of the DRAM roofline from the small model below. Nothing here is measured on a GPU.
+time and % of the DRAM roofline from the small model below. A last section COUNTS the bytes the
+fused-linear path (``askd_loss_from_hidden``) moves outside its GEMMs and Triton kernels on the CUDA
+code path, before → after the weight gradient's ``addmm(out_dtype=)`` (``bench/fused_traffic.py``,
+fake CUDA tensors). Nothing here is measured on a GPU.
 
 Specialisation. The launchers themselves are called (``row_stats``, ``student_gradient``, ...) with
 tensors on the ``meta`` device shaped and strided like the benchmark's; the ``kernel[grid](...)``
@@ -597,7 +600,9 @@ def _fmt(v, digits=2):
     return str(v)
 
 
-def markdown(kernels: list[dict], loop_rows: list[dict]) -> str:
+def markdown(kernels: list[dict], loop_rows: list[dict], fused=None) -> str:
+    """The report; ``fused`` = ``bench.fused_traffic.build()``'s ``(summary, per-op rows)`` adds the
+    fused-linear section."""
     lines = [f"Static report: B={BATCH}, T={SEQ}, bf16 logits. Times are PREDICTED by the model of "
              f"bench/static.py (IPC={IPC}, range {IPC_PESSIMISTIC}–{IPC_OPTIMISTIC}; DRAM efficiency="
              f"{DRAM_EFFICIENCY}), not measured.", "",
@@ -631,14 +636,25 @@ def markdown(kernels: list[dict], loop_rows: list[dict]) -> str:
             lp["kernel"], str(lp["V"]), str(lp["sm"]), str(lp["loop"]), _fmt(lp["weight"]), str(lp["instructions"]),
             _fmt(lp["elems_per_thread"], 0), _fmt(lp["instr_per_elem"]), _fmt(lp["mufu_per_elem"]),
             lp["mufu_ops"] or "-", lp["loads"], lp["stores"], _fmt(lp["bytes_per_elem"]), lp["bound"]]) + " |")
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n"
+    if fused is not None:
+        from bench import fused_traffic
+        text += "\n" + fused_traffic.markdown(*fused)
+    return text
 
 
-def write(out: Path, kernels: list[dict], loop_rows: list[dict]) -> list[Path]:
+def write(out: Path, kernels: list[dict], loop_rows: list[dict], fused=None) -> list[Path]:
+    """``kernels.csv``, ``loops.csv``, ``pairs.csv``, with ``fused`` (see :func:`markdown`)
+    ``fused_linear.csv`` and ``fused_linear_ops.csv``, and ``report.md`` under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, rows, fields in (("kernels.csv", kernels, KERNEL_FIELDS), ("loops.csv", loop_rows, LOOP_FIELDS),
-                               ("pairs.csv", pairs(kernels), PAIR_FIELDS)):
+    tables = [("kernels.csv", kernels, KERNEL_FIELDS), ("loops.csv", loop_rows, LOOP_FIELDS),
+              ("pairs.csv", pairs(kernels), PAIR_FIELDS)]
+    if fused is not None:
+        from bench import fused_traffic
+        tables += [("fused_linear.csv", fused[0], fused_traffic.SUMMARY_FIELDS),
+                   ("fused_linear_ops.csv", fused[1], fused_traffic.OP_FIELDS)]
+    for name, rows, fields in tables:
         path = out / name
         with open(path, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=fields)
@@ -646,18 +662,24 @@ def write(out: Path, kernels: list[dict], loop_rows: list[dict]) -> list[Path]:
             w.writerows(rows)
         paths.append(path)
     path = out / "report.md"
-    path.write_text(markdown(kernels, loop_rows))
+    path.write_text(markdown(kernels, loop_rows, fused))
     return paths + [path]
 
 
 def report(out: Path | str | None = DEFAULT_OUT, names=None, vocabs=VOCABS, targets=TARGETS, ipc=IPC,
-           dram_eff=DRAM_EFFICIENCY, traffic: bool = True) -> tuple[list[dict], list[dict]]:
+           dram_eff=DRAM_EFFICIENCY, traffic: bool = True, fused_linear=True) -> tuple[list[dict], list[dict]]:
     """Build the report, write ``kernels.csv``, ``loops.csv`` and ``report.md`` under ``out`` (unless
     None) and return ``(kernel rows, loop rows)``. ``traffic=False`` skips the interpreter count (no
-    bytes/element, roofline or % columns)."""
+    bytes/element, roofline or % columns). ``fused_linear``: True counts the fused-linear section
+    (``bench/fused_traffic.py``, a few seconds), a precomputed ``(summary, per-op rows)`` is used as
+    is, False leaves the section out."""
     kernels, loop_rows = build(names, vocabs, targets, ipc, dram_eff, traffic=None if traffic else [])
     if out is not None:
-        write(Path(out), kernels, loop_rows)
+        fused = fused_linear or None
+        if fused is True:
+            from bench import fused_traffic
+            fused = fused_traffic.build()
+        write(Path(out), kernels, loop_rows, fused)
     return kernels, loop_rows
 
 
@@ -671,16 +693,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the interpreter's byte count (faster; no roofline columns)")
     parser.add_argument("--dram-efficiency", type=float, default=DRAM_EFFICIENCY,
                         help=f"fraction of peak DRAM bandwidth reachable (default {DRAM_EFFICIENCY})")
+    parser.add_argument("--no-fused-linear", action="store_true",
+                        help="skip the count of the fused-linear path's traffic outside the GEMMs")
 
 
 def run_cli(args: argparse.Namespace) -> int:
     words = lambda s: [w.strip() for w in s.split(",") if w.strip()] if s else None  # noqa: E731
     vocabs = [int(v) for v in words(args.vocab)] if args.vocab else VOCABS
     targets = [int(v) for v in words(args.sm)] if args.sm else TARGETS
+    fused = None
+    if not getattr(args, "no_fused_linear", False):
+        from bench import fused_traffic
+        fused = fused_traffic.build()
     kernels, loop_rows = report(args.out, words(args.kernels), vocabs, targets, args.ipc, args.dram_efficiency,
-                                not args.no_traffic)
-    print(markdown(kernels, loop_rows))
-    print(f"wrote kernels.csv, loops.csv, pairs.csv, report.md in {args.out}", file=sys.stderr)
+                                not args.no_traffic, fused_linear=fused or False)
+    print(markdown(kernels, loop_rows, fused))
+    extra = ", fused_linear.csv, fused_linear_ops.csv" if fused else ""
+    print(f"wrote kernels.csv, loops.csv, pairs.csv{extra}, report.md in {args.out}", file=sys.stderr)
     return 0
 
 

@@ -196,6 +196,12 @@ def _chunked_row_stats(student: Head, labels, teacher_logprobs, teacher: Optiona
     return out
 
 
+# The CUDA weight gradient of bf16/fp16 heads: True = one ``addmm`` with fp32 ``out_dtype`` into the
+# accumulator; False = always the fallback of a torch without it (a GEMM into an fp32 temporary, then
+# ``add_``). Only bench/fused_traffic.py sets it False, to count the fallback's memory traffic.
+ADDMM_OUT_DTYPE = True
+
+
 def _add_weight_grad(acc: Tensor, grad_rows: Tensor, rows: Tensor) -> None:
     """``acc [V, H] (fp32) += grad_rowsᵀ @ rows`` with fp32 accumulation across chunks, in place."""
     if grad_rows.dtype == torch.float32:
@@ -203,14 +209,17 @@ def _add_weight_grad(acc: Tensor, grad_rows: Tensor, rows: Tensor) -> None:
     elif grad_rows.is_cuda:
         # bf16/fp16 tensor-core GEMM accumulated straight into the fp32 accumulator (β = 1, fp32
         # out_dtype): no fp32 temporary and no separate add.
-        try:
-            torch.addmm(acc, grad_rows.T, rows, out_dtype=torch.float32, out=acc)
-        except (TypeError, RuntimeError, NotImplementedError):
-            # a torch without addmm's out_dtype: the GEMM into a temporary, V sliced so that it stays
-            # within LOGITS_CHUNK_ELEMENTS entries, then added
-            step = max(1, LOGITS_CHUNK_ELEMENTS // rows.shape[1])
-            for v in range(0, acc.shape[0], step):
-                acc[v:v + step].add_(torch.mm(grad_rows[:, v:v + step].T, rows, out_dtype=torch.float32))
+        if ADDMM_OUT_DTYPE:
+            try:
+                torch.addmm(acc, grad_rows.T, rows, out_dtype=torch.float32, out=acc)
+                return
+            except (TypeError, RuntimeError, NotImplementedError):
+                pass
+        # a torch without addmm's out_dtype: the GEMM into a temporary, V sliced so that it stays
+        # within LOGITS_CHUNK_ELEMENTS entries, then added
+        step = max(1, LOGITS_CHUNK_ELEMENTS // rows.shape[1])
+        for v in range(0, acc.shape[0], step):
+            acc[v:v + step].add_(torch.mm(grad_rows[:, v:v + step].T, rows, out_dtype=torch.float32))
     else:
         # CPU has no mixed-precision GEMM: fp32 copies of this chunk's operands (O(C·V)), then addmm_
         # into the accumulator.
