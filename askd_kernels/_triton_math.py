@@ -9,8 +9,8 @@
   so its loads and stores are 128-bit; the head before it and the tail after it (< 2·VEC columns)
   are one masked edge block.
 * :func:`log_mixture` — ``log(α·e^a + (1−α)·e^b)`` in log space, exact at α ∈ {0, 1}
-  (``docs/contract.md`` §2: the mixture term u_t); :func:`log2_mixture`, the same in base 2 (log m
-  of the divergences).
+  (``docs/contract.md`` §2: the mixture term u_t); :func:`log2_mixture`, log2 m = log2(α·q + (1−α)·p)
+  of the divergences, summed directly, exact at α ∈ {0, 1} by the row's :func:`mixture_weights`.
 * :func:`discounted_add` — the combine of a discounted suffix sum (``docs/contract.md`` §3: G_t).
 * :func:`divergence_terms` — per-column value and gradient terms of the full-vocabulary divergences
   (``docs/contract.md`` §6), in base 2; :func:`divergence_row_sums` / :func:`divergence_row_gradient`
@@ -37,12 +37,14 @@ def vocab_block(n_cols: int) -> int:
     return max(16, min(MAX_BLOCK, triton.next_power_of_2(n_cols)))
 
 
-# log2(e), ln 2 and log2(log2 e): the vocabulary loops work in base 2 (one MUFU.EX2 per exp2, where a
+# log2(e) and ln 2: the vocabulary loops work in base 2 (one MUFU.EX2 per exp2, where a
 # natural exp is a multiply plus a non-flushing ex2 with its subnormal fix-up), the scale folded into
 # one per-row constant; results are converted back to natural units once per row.
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
-LOG2_LOG2E: tl.constexpr = tl.constexpr(0.5287663729448977)
+# −2^100: a floor for base-2 logs (of the mixture, in ratios) far below any finite log-probability a
+# ratio can use, so that exp2(−inf − floor) = 0 where exp2(−inf − (−inf)) would be NaN
+LOG2_FLOOR: tl.constexpr = tl.constexpr(-1.2676506002282294e30)
 
 
 # log2 by the hardware's approximation (one MUFU.LG2, ``lg2.approx.ftz.f32``) in the divergence terms
@@ -63,13 +65,6 @@ def fast_log2(v):
     else:
         r = tl.log2(v)
     return r
-
-
-@triton.jit
-def log2_1p(t):
-    """``log2(1 + t)`` for t ∈ [0, 1] by :func:`fast_log2`: exactly 0 at t = 0 (so that α ∈ {0, 1}
-    stays exact), NaN for NaN."""
-    return tl.where(t == 0.0, 0.0, fast_log2(1.0 + t))
 
 
 def row_vector(anchor, *others, same_extent: bool = True) -> int:
@@ -233,15 +228,52 @@ def log_mixture(log_a, log_1ma, x):
 
 
 @triton.jit
-def log2_mixture(log_a, log_1ma, x):
-    """:func:`log_mixture` in base 2: ``log2(2^{log_a} + 2^{log_1ma + x})`` of base-2 logs, with the
-    same exactness (α ∈ {0, 1}: one term is 2^−inf = 0 and the result is the other exactly) and the
-    same NaN and −inf behaviour. One exp2 and one fast log2 of a number in [1, 2] (:func:`log2_1p`)."""
-    y = log_1ma + x
-    hi = tl.maximum(log_a, y, propagate_nan=tl.PropagateNan.ALL)
-    lo = tl.minimum(log_a, y, propagate_nan=tl.PropagateNan.ALL)
-    hi_safe = tl.where(hi == float("-inf"), 0.0, hi)
-    return hi + log2_1p(tl.exp2(lo - hi_safe))
+def mixture_weights(la, lb):
+    """Per-row weights ``(w_q, w_p)`` = (α, 1−α) of :func:`log2_mixture` from the base-2 log weights
+    ``la`` = log2 α, ``lb`` = log2(1−α): (2^la, 2^lb) when both are finite (0 < α < 1), (0, 0) at the
+    endpoints α ∈ {0, 1} (one of them −inf), or when either is NaN. Once per row, before the loop."""
+    interior = (la > float("-inf")) & (lb > float("-inf"))
+    return tl.where(interior, tl.exp2(la), 0.0), tl.where(interior, tl.exp2(lb), 0.0)
+
+
+@triton.jit
+def log2_mixture(x, y, q, p, la, lb, wq, wp):
+    """``log2 m``, m = α·q + (1−α)·p, of a block of columns: ``x = log2 q``, ``y = log2 p`` (−inf for a
+    probability of 0) and q = 2^x, p = 2^y; ``la`` / ``lb`` the row's base-2 log weights log2 α,
+    log2(1−α) and ``(wq, wp)`` its :func:`mixture_weights`. Five instructions a column past the
+    additions, no per-element branch or endpoint test:
+
+        log2 m ≈ max(fast_log2(wq·q + wp·p), la + x, lb + y)        (maxima propagating NaN)
+
+    *Exact at the endpoints.* At α = 1 (la = 0, lb = −inf) and α = 0 (la = −inf, lb = 0) the row's
+    weights are (0, 0): the direct term is fast_log2(0) = −inf (NaN if q or p is NaN) and the result
+    is la + x = x, resp. lb + y = y, bit for bit — the same value the divergences' limits (fkl, rkl,
+    0) compute, including x = −inf or y = −inf.
+
+    *Never an infinity or a NaN from underflow.* The two bounds la + x = log2(α q) and lb + y =
+    log2((1−α) p) are each ≤ log2 m (up to the half-ulp rounding of the addition), so the maximum
+    is never further from log2 m than the direct term, and it is finite as soon as q > 0 or p > 0
+    with 0 < α < 1, whatever wq·q + wp·p does in fp32: when both products fall below 2^-126 (FTZ,
+    or tiny α / 1−α: α·q + (1−α)·p of 2^-127 flushes on the GPU, and 2^la itself flushes for
+    α < 2^-126) the direct term is −inf or inexact and the bounds take over. −inf only for
+    q = p = 0 (the callers' 0·log 0 guards cover it); NaN in any of x, y, la, lb gives NaN.
+
+    *Error bound (0 < α < 1, m ≥ 2^-100).* wq, wp are α, 1−α to ≤ 2^-22 relative (one ex2.approx of
+    the row's log weight: the rounding of la / lb itself is the input's, as in 2^(la + x)), q and p
+    likewise (ex2.approx of x, y), and the FMUL + FFMA add two roundings of 2^-24: m to a relative
+    2^-20.7, i.e. ≤ 2^-20.2 absolute in log2 m. A product that flushed (< 2^-126) changes m by
+    ≤ 2^-26·m. The fast log2 adds ≤ 2^-22 for m ∈ [0.5, 2] and ≤ 2 ulp of the result
+    (≤ 2^-22·|log2 m|) elsewhere (CUDA C Programming Guide, ``__log2f``). So
+    |error| ≤ 2^-20.2 + 2 ulp(log2 m) ≤ 2^-19.6·max(1, |log2 m|) — against ≈ 2^-21 + 1 ulp for the
+    two-term form log2(2^hi + 2^lo) = hi + log2(1 + 2^(lo − hi)) it replaces, and the order of the
+    rounding that x and y already carry. Below 2^-100 the result is within 1 of log2 m (the bounds,
+    max(αq, (1−α)p) ≥ m/2, where the direct term flushed; a denormal product's rounding, < 2^-149,
+    where it did not), and the columns involved hold p, q ≤ 2^-100 / min(α, 1−α): nothing an fp32
+    sum keeps. tests/test_mixture_numerics.py checks this against fp64 on adversarial inputs, with
+    the compiled code's flushes and approximation errors emulated."""
+    direct = fast_log2(wq * q + wp * p)
+    hi = tl.maximum(direct, la + x, propagate_nan=tl.PropagateNan.ALL)
+    return tl.maximum(hi, lb + y, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -272,12 +304,13 @@ def a_unit(KIND: tl.constexpr):
 
 
 @triton.jit
-def divergence_terms(x, y, la, lb, KIND: tl.constexpr):
+def divergence_terms(x, y, la, lb, wq, wp, KIND: tl.constexpr):
     """``(f-terms, a, q)`` of a block of columns for the divergence ``KIND``, in base 2.
 
     ``x = log2 q``, ``y = log2 p`` (−inf for a probability of 0), ``la``/``lb`` the base-2 log weights
-    of q and p in the mixture m = w_q·q + w_p·p, with log2 m = log2_mixture(la + x, lb, y) — never
-    log(p + q) — and (w_q, w_p) = (α, 1−α) for skl/srkl, (1−β, β) for jsd. The value of a token is
+    of q and p in the mixture m = w_q·q + w_p·p, with log2 m = log2_mixture(x, y, q, p, la, lb, wq, wp)
+    — never log(p + q) — and (w_q, w_p) = (α, 1−α) for skl/srkl, (1−β, β) for jsd; ``wq``/``wp`` the
+    row's :func:`mixture_weights` (used by skl/srkl only). The value of a token is
     value_unit(KIND)·Σ_v f-terms and a_v (natural) = a_unit(KIND)·a; its gradient w.r.t. the student
     logits follows from a_v = q_v·∂f/∂q_v by the softmax Jacobian: ∂f/∂z_v = (a_v − q_v·Σ_u a_u)/τ.
     In natural units (ln 2 · base-2 log = natural log):
@@ -323,18 +356,40 @@ def divergence_terms(x, y, la, lb, KIND: tl.constexpr):
         # the last branch is 0·(q − p): 0 at ties, NaN when either probability is NaN
         a = tl.where(q > p, 0.5 * q, tl.where(q < p, -0.5 * q, 0.0 * (q - p)))
     else:
-        log_m = log2_mixture(la + x, lb, y)
-        if KIND == 2:
-            value = tl.where(p == 0.0, 0.0, p * (y - log_m))
-            # α q/m; at α = 0 exp2(−inf) = 0. Both p, q > 0 keeps log m finite.
-            a = tl.where((p == 0.0) | (q == 0.0), 0.0, -p * tl.exp2(la + x - log_m))
-        elif KIND == 3:
-            d = x - log_m
-            # (1−α) p/m · log2(e), in the units of d
-            skew = tl.where(p == 0.0, 0.0, tl.exp2((lb + LOG2_LOG2E) + (y - log_m)))
-            value = tl.where(q == 0.0, 0.0, q * d)
-            a = tl.where(q == 0.0, 0.0, q * (d + skew))
+        value, a = _mixture_terms(x, y, q, p, la, lb, wq, wp, KIND, False)
+        if KIND == 3:
+            a = value + a * LOG2E
     return value, a, q
+
+
+@triton.jit
+def _mixture_terms(x, y, q, p, la, lb, wq, wp, KIND: tl.constexpr, GRADIENT: tl.constexpr):
+    """skl (KIND 2): the f-term and a of :func:`divergence_terms`; srkl (KIND 3): the f-term and
+    q·(1−α)p/m, whose a is ``f + log2(e)·q·(1−α)p/m`` (a row sum can add the two parts' sums).
+
+    ``GRADIENT``: srkl's f-term for a gradient row, q·(max(x, F) − max(log m, F)) with F = −2^100
+    instead of the guarded q·(x − log m): the same value wherever q > 0 and log m is finite, 0 where
+    q = 0, and finite instead of +inf where q > 0 = p at α = 0 — a column whose a_v, hence the row's
+    S, is +inf: the gradient kernels give such a row a zero divergence gradient without reading a_v
+    (``live``). One maximum in place of a test and a select."""
+    log_m = log2_mixture(x, y, q, p, la, lb, wq, wp)
+    # The ratios α q/m and (1−α) p/m as exp2(la + x − log m), exp2(lb + y − log m): ≤ 1 since
+    # log m ≥ la + x, lb + y (log2_mixture), and exactly 1 / 0 at α ∈ {0, 1}. log m is −inf only
+    # where the numerator's log is −inf too (q = p = 0, or an endpoint with that probability 0):
+    # against a floor of −2^100 instead, the exponent is −inf and the ratio 0, not NaN — one
+    # maximum in place of a test and a select per guard. The ratio is finite (NaN only from a NaN
+    # input), so −p·ratio and q·ratio are 0 where p = 0, q = 0: no guard.
+    log_m_floor = tl.maximum(log_m, LOG2_FLOOR, propagate_nan=tl.PropagateNan.ALL)
+    if KIND == 2:
+        value = tl.where(p == 0.0, 0.0, p * (y - log_m))
+        part = -p * tl.exp2(la + x - log_m_floor)
+    else:
+        if GRADIENT:
+            value = q * (tl.maximum(x, LOG2_FLOOR) - log_m_floor)
+        else:
+            value = tl.where(q == 0.0, 0.0, q * (x - log_m))
+        part = q * tl.exp2(lb + y - log_m_floor)
+    return value, part
 
 
 @triton.jit
@@ -345,14 +400,24 @@ def log2_softmax_at(x, m, s, k):
 
 
 @triton.jit
-def _block_terms(S, W, start, w_start, offs, L, L_t, stride_sv, stride_wv, m_s, s_s, m_t, s_t, k, la2, lb2,
+def _block_terms(S, W, start, w_start, offs, L, L_t, stride_sv, stride_wv, m_s, s_s, m_t, s_t, k, la2, lb2, wq, wp,
                  KIND: tl.constexpr):
     """One block of the aligned main loop of :func:`divergence_row_sums`: the student and teacher
     columns at ``offs`` (masked beyond the main lengths ``L`` / ``L_t``) and their per-column terms
     ``(v, a)``."""
     z = tl.load(S + start + offs * stride_sv, mask=offs < L, other=float("-inf"))
     w = tl.load(W + w_start + offs * stride_wv, mask=offs < L_t, other=float("-inf"))
-    v, a, _q = divergence_terms(log2_softmax_at(z, m_s, s_s, k), log2_softmax_at(w, m_t, s_t, k), la2, lb2, KIND)
+    return _sum_terms(log2_softmax_at(z, m_s, s_s, k), log2_softmax_at(w, m_t, s_t, k), la2, lb2, wq, wp, KIND)
+
+
+@triton.jit
+def _sum_terms(x, y, la, lb, wq, wp, KIND: tl.constexpr):
+    """``(f-terms, a-part)`` for :func:`divergence_row_sums`: a-part = a of :func:`divergence_terms`,
+    except for srkl, q·(1−α)p/m (:func:`_mixture_terms`; the row sum is Σ f + log2(e)·Σ a-part)."""
+    if KIND == 3:
+        v, a = _mixture_terms(x, y, tl.exp2(x), tl.exp2(y), la, lb, wq, wp, KIND, False)
+    else:
+        v, a, _q = divergence_terms(x, y, la, lb, wq, wp, KIND)
     return v, a
 
 
@@ -364,11 +429,11 @@ def divergence_row_sums(S, s_off, stride_sv, n_s, W, w_off, stride_wv, n_t, inv_
     ``n_s`` / ``n_t`` columns to read (0: skip; student columns ≥ n_s and teacher columns ≥ n_t give
     probability 0; n_t ≤ n_s) — from their (max, log-sum) pairs; ``la``/``lb`` natural log weights. The edge
     columns first, then the aligned main loop (VEC > 1 needs congruent rows, :func:`row_vector`, and
-    n_t ∈ {0, n_s}). Vector accumulators reduced after the loop, except for skl / srkl (scalar ones,
-    one reduction per block: see below)."""
+    n_t ∈ {0, n_s}). Vector accumulators, reduced after the loop."""
     k = inv_tau * LOG2E
     la2 = la * LOG2E
     lb2 = lb * LOG2E
+    wq, wp = mixture_weights(la2, lb2)
     start, h, L = row_span(s_off, n_s, VEC)
     w_start = (w_off + (VEC - 1)) // VEC * VEC
     L_t = main_len(h, n_t, VEC)
@@ -378,40 +443,42 @@ def divergence_row_sums(S, s_off, stride_sv, n_s, W, w_off, stride_wv, n_t, inv_
         ecols, eok = edge_columns(h, L, VEC)
         ze = tl.load(S + s_off + ecols * stride_sv, mask=eok & (ecols < n_s), other=float("-inf"))
         we = tl.load(W + w_off + ecols * stride_wv, mask=eok & (ecols < n_t), other=float("-inf"))
-        ve, ae, _qe = divergence_terms(log2_softmax_at(ze, m_s, s_s, k), log2_softmax_at(we, m_t, s_t, k), la2,
-                                       lb2, KIND)
+        ve, ae = _sum_terms(log2_softmax_at(ze, m_s, s_s, k), log2_softmax_at(we, m_t, s_t, k), la2, lb2, wq, wp,
+                            KIND)
         # lanes outside the row add nothing (an empty row, n_s = 0, has m = s = −inf: its terms are NaN)
         inside = eok & (ecols < n_s)
         value += tl.sum(tl.where(inside, ve, 0.0), axis=0)
         row_sum += tl.sum(tl.where(inside, ae, 0.0), axis=0)
     cols = tl.arange(0, BLOCK)
-    if KIND == 2 or KIND == 3:
-        # skl / srkl: scalar accumulators, one reduction per block (vector ones keep 2·BLOCK/threads
-        # more registers live across the loop: a stack frame at the largest block without 128-bit
-        # loads, tests/test_aot.py)
-        for i in range(0, tl.cdiv(L, BLOCK)):
-            v, a = _block_terms(S, W, start, w_start, i * BLOCK + cols, L, L_t, stride_sv, stride_wv, m_s, s_s,
-                                m_t, s_t, k, la2, lb2, KIND)
-            value += tl.sum(v, axis=0)
-            row_sum += tl.sum(a, axis=0)
-    else:
-        # vector accumulators, reduced once after the loop: no per-block shuffles and barrier
-        value_acc = tl.zeros([BLOCK], dtype=tl.float32)
-        sum_acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for i in range(0, tl.cdiv(L, BLOCK)):
-            v, a = _block_terms(S, W, start, w_start, i * BLOCK + cols, L, L_t, stride_sv, stride_wv, m_s, s_s,
-                                m_t, s_t, k, la2, lb2, KIND)
-            value_acc += v
-            sum_acc += a
-        value += tl.sum(value_acc, axis=0)
-        row_sum += tl.sum(sum_acc, axis=0)
+    # vector accumulators, reduced once after the loop: no per-block shuffles and barrier
+    value_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    sum_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(0, tl.cdiv(L, BLOCK)):
+        v, a = _block_terms(S, W, start, w_start, i * BLOCK + cols, L, L_t, stride_sv, stride_wv, m_s, s_s,
+                            m_t, s_t, k, la2, lb2, wq, wp, KIND)
+        value_acc += v
+        sum_acc += a
+    value += tl.sum(value_acc, axis=0)
+    row_sum += tl.sum(sum_acc, axis=0)
+    if KIND == 3:
+        row_sum = value + row_sum * LOG2E
     return value * value_unit(KIND), row_sum * a_unit(KIND)
 
 
 @triton.jit
-def _gradient_columns(x, y, la2, lb2, scale, row_sum, live, offs, label, scale_label, KIND: tl.constexpr,
+def _gradient_columns(x, y, la2, lb2, wq, wp, scale, row_sum, live, offs, label, scale_label, KIND: tl.constexpr,
                       HAS_LABEL: tl.constexpr):
-    _v, a, q = divergence_terms(x, y, la2, lb2, KIND)
+    if KIND == 3:
+        q = tl.exp2(x)
+        # the f-term without its guard where no label term follows (with one, ptxas then moves 64-bit
+        # column offsets into rao_blackwell's loop: +1 instruction per element instead of −1)
+        if HAS_LABEL:
+            f, qr = _mixture_terms(x, y, q, tl.exp2(y), la2, lb2, wq, wp, KIND, False)
+        else:
+            f, qr = _mixture_terms(x, y, q, tl.exp2(y), la2, lb2, wq, wp, KIND, True)
+        a = f + qr * LOG2E  # as divergence_terms
+    else:
+        _v, a, q = divergence_terms(x, y, la2, lb2, wq, wp, KIND)
     # a_v − q_v·S in natural units first, then the scale: where a token's whole S is one column's a_v
     # and its q is 1 (τ → 0), the difference is exactly 0, however large g/τ is
     grad = tl.where(live, scale * (a * a_unit(KIND) - q * row_sum), 0.0)
@@ -435,6 +502,7 @@ def divergence_row_gradient(G, g_off, S, s_off, stride_sv, V_s, n_s, W, w_off, s
     k = inv_tau * LOG2E
     la2 = la * LOG2E
     lb2 = lb * LOG2E
+    wq, wp = mixture_weights(la2, lb2)
     live = scale != 0.0
     start, h, L = row_span(s_off, V_s, VEC)
     w_start = (w_off + (VEC - 1)) // VEC * VEC
@@ -446,7 +514,7 @@ def divergence_row_gradient(G, g_off, S, s_off, stride_sv, V_s, n_s, W, w_off, s
         ecols, eok = edge_columns(h, L, VEC)
         ze = tl.load(S + s_off + ecols * stride_sv, mask=eok & (ecols < n_s), other=float("-inf"))
         we = tl.load(W + w_off + ecols * stride_wv, mask=eok & (ecols < n_t), other=float("-inf"))
-        ge = _gradient_columns(log2_softmax_at(ze, m_s, s_s, k), log2_softmax_at(we, m_t, s_t, k), la2, lb2,
+        ge = _gradient_columns(log2_softmax_at(ze, m_s, s_s, k), log2_softmax_at(we, m_t, s_t, k), la2, lb2, wq, wp,
                                scale, row_sum, live, ecols, lab, scale_label, KIND, HAS_LABEL)
         tl.store(G + g_off + ecols, ge.to(G.dtype.element_ty), mask=eok & (ecols < V_s))
     cols = tl.arange(0, BLOCK)
@@ -455,6 +523,6 @@ def divergence_row_gradient(G, g_off, S, s_off, stride_sv, V_s, n_s, W, w_off, s
         offs = i * BLOCK + cols
         z = tl.load(S + start + offs * stride_sv, mask=offs < L_s, other=float("-inf"))
         w = tl.load(W + w_start + offs * stride_wv, mask=offs < L_t, other=float("-inf"))
-        grad = _gradient_columns(log2_softmax_at(z, m_s, s_s, k), log2_softmax_at(w, m_t, s_t, k), la2, lb2,
+        grad = _gradient_columns(log2_softmax_at(z, m_s, s_s, k), log2_softmax_at(w, m_t, s_t, k), la2, lb2, wq, wp,
                                  scale, row_sum, live, offs, lab_main, scale_label, KIND, HAS_LABEL)
         tl.store(G + g_start + offs, grad.to(G.dtype.element_ty), mask=offs < L)

@@ -3,13 +3,14 @@
 
 Compiled for a GPU, :func:`askd_kernels._triton_math.fast_log2` is one ``MUFU.LG2``
 (``lg2.approx.ftz.f32``): absolute error ≤ 2^-22 for an argument in [0.5, 2], ≤ 2 ulp of the result
-elsewhere (CUDA C Programming Guide, ``__log2f``). It is the log of the mixture in skl / srkl (of
-1 + 2^(lo − hi) ∈ [1, 2], exactly 0 at α ∈ {0, 1}) and jsd (of M itself, 0 < β < 1), in the
-divergence kernels and in rao_blackwell's. The interpreter has no inline assembly and computes
-np.log2, so here every log2 the interpreted kernels take is moved by max(2^-22, 2 ulp) — up, then
-down — and values and gradients must still meet the suite's tolerance rule against the oracle
-(``tests/_compare.py``), boundaries α ∈ {0, 1} included. A perturbation 10⁴ times larger must fail
-it: the check can fail.
+elsewhere (CUDA C Programming Guide, ``__log2f``). It is the log of the mixture m itself in skl /
+srkl (α·q + (1−α)·p, bounded below by log2(α·q) and log2((1−α)·p); at α ∈ {0, 1} the log of 0, −inf,
+kept exact here as by the hardware) and jsd (0 < β < 1), in the divergence kernels and in
+rao_blackwell's (tests/test_mixture_numerics.py checks the mixture alone against fp64). The
+interpreter has no inline assembly and computes np.log2, so here every log2 the interpreted kernels
+take is moved by max(2^-22, 2 ulp) — up, then down — and values and gradients must still meet the
+suite's tolerance rule against the oracle (``tests/_compare.py``), boundaries α ∈ {0, 1} included. A
+perturbation 10⁴ times larger must fail it: the check can fail.
 """
 import numpy as np
 import pytest
@@ -27,9 +28,13 @@ ERROR = 2.0 ** -22
 
 def _perturbed_log2(sign, scale):
     def log2(x):
-        r = np.log2(x)
-        ulp = np.spacing(np.abs(r).astype(np.float32)).astype(r.dtype)
-        return (r + sign * scale * np.maximum(ERROR, 2 * ulp)).astype(r.dtype)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = np.log2(x)
+            ulp = np.spacing(np.abs(r).astype(np.float32)).astype(r.dtype)
+            moved = (r + sign * scale * np.maximum(ERROR, 2 * ulp)).astype(r.dtype)
+        # log2(0) = −inf stays exact (lg2.approx(+0) = −inf): the mixture's direct term of a row at
+        # α ∈ {0, 1} is the log2 of 0
+        return np.where(np.isfinite(r), moved, r)
     return log2
 
 
