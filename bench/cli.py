@@ -96,9 +96,16 @@ def _process_main(argv: list[str]) -> int:
     parser.add_argument("--out", help="append the records to this CSV (and write process.md next to it)")
     parser.add_argument("--report", metavar="CSV", help="only write process.md next to this CSV from its records")
     args = parser.parse_args(argv)
+
+    def write_report(csv_path):
+        notes = Path(csv_path).with_name("process-notes.md")
+        report = Path(csv_path).with_name("process.md")
+        report.write_text(grid_mod.process_report(grid_mod.read_process_records(csv_path),
+                                                  notes.read_text() if notes.exists() else "") + "\n")
+        return report
+
     if args.report:
-        report = Path(args.report).with_name("process.md")
-        report.write_text(grid_mod.process_report(grid_mod.read_process_records(args.report)) + "\n")
+        report = write_report(args.report)
         print(f"wrote {report}")
         return 0
     if args.child:
@@ -119,8 +126,7 @@ def _process_main(argv: list[str]) -> int:
     print()
     print(grid_mod.process_markdown(records))
     if args.out:
-        report = Path(args.out).with_name("process.md")
-        report.write_text(grid_mod.process_report(grid_mod.read_process_records(args.out)) + "\n")
+        report = write_report(args.out)
         print(f"appended to {args.out}; wrote {report}")
     return 0
 

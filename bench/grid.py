@@ -656,9 +656,10 @@ def read_process_records(path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def process_report(records) -> str:
+def process_report(records, notes: str = "") -> str:
     """``process.md``: every run of a process CSV — its environment (device, versions, threads,
-    commit, date) and its table of medians and ratios (:func:`process_markdown`)."""
+    commit, date) and its table of medians and ratios (:func:`process_markdown`). ``notes``
+    (markdown: the machine, its load, what a ``-dirty`` commit held) goes after the introduction."""
     runs: dict = {}
     for r in records:
         runs.setdefault(r["run_id"], []).append(r)
@@ -669,7 +670,10 @@ def process_report(records) -> str:
            "imports, inputs, every step, exit); *steady step s*: the median forward+backward after the first "
            "(compilation included in the first); *peak MiB*: the process's peak resident memory (VmHWM), "
            "torch and the inputs included. Generated from `process.csv`; regenerate with "
-           "`python -m bench process --report bench/results/cpu/<device>/process.csv`.", ""]
+           "`python -m bench process --report bench/results/cpu/<device>/process.csv` (the notes come from "
+           "`process-notes.md` next to it).", ""]
+    if notes.strip():
+        out += [notes.strip(), ""]
     for run_id, rs in runs.items():
         r0 = rs[0]
         threads = sorted({r["threads"] for r in rs})
