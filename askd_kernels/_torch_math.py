@@ -14,7 +14,9 @@ same signatures where a block exists in both.
 * :func:`log_prob_at` — ``log softmax(z/τ)[y]`` and the (max, log-sum) pair of a chunk of rows;
   :func:`log_softmax_at` — log-probabilities from that pair.
 * :func:`log_mixture` — ``log(α·e^0 + (1−α)·e^x)`` written as ``logaddexp(log α, log(1−α) + x)``.
-* :func:`divergence_terms` — per-column terms of the full-vocabulary divergences.
+* :data:`DIVERGENCE_TERMS` — the full-vocabulary divergences' per-column terms and gradient rows, one
+  in-place function per kind (the only place each kind's formulas are written);
+  :func:`divergence_terms` — the same terms on copies of its inputs.
 """
 import os
 import threading
@@ -239,27 +241,148 @@ def log_mixture(log_a, log_1ma, x):
 def divergence_terms(x, y, la, lb, kind: str, q=None, p=None):
     """``(f-terms, a, q)`` of a chunk for the divergence ``kind``; x = log q, y = log p, ``la``/``lb``
     the log weights of q and p in the mixture (broadcast against x). The formulas and their guards
-    are those of :func:`askd_kernels._triton_math.divergence_terms`. ``q``/``p``: the probabilities
-    when the caller already has them (e^x, e^y; may be overwritten), else computed here."""
+    are those of :func:`askd_kernels._triton_math.divergence_terms`; they are written once, in the
+    in-place :data:`DIVERGENCE_TERMS` functions, which this runs on copies (the inputs are left
+    unchanged). ``q``/``p``: the probabilities when the caller already has them (e^x, e^y), else
+    computed here."""
     q = x.exp() if q is None else q
-    p = y.exp() if p is None else p
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    # 0·log 0 = 0 guards test "== 0", never "> 0", so that a NaN probability stays NaN.
-    if kind == "fkl":
-        return torch.where(p == 0, zero, p * (y - x)), -p, q
-    if kind == "rkl":
-        a = torch.where(q == 0, zero, q * (x - y))
-        return a, a, q
-    if kind == "tvd":  # sign(NaN) is 0: the 0·(q − p) term carries a NaN into the subgradient
-        return 0.5 * (p - q).abs(), 0.5 * q * torch.sign(q - p) + 0.0 * (q - p), q
-    log_m = log_mixture(la + x, lb, y)
-    if kind == "skl":
-        value = torch.where(p == 0, zero, p * (y - log_m))
-        return value, torch.where((p == 0) | (q == 0), zero, -p * torch.exp(la + x - log_m)), q
-    if kind == "srkl":
-        d = x - log_m
-        skew = torch.where(p == 0, zero, torch.exp(lb + y - log_m))  # (1−α) p/m
-        return torch.where(q == 0, zero, q * d), torch.where(q == 0, zero, q * (d + skew)), q
-    # jsd, 0 < β < 1: w_q = 1 − β = e^{la}, w_p = β = e^{lb}
-    student = torch.where(q == 0, zero, la.exp() * q * (x - log_m))
-    return torch.where(p == 0, zero, lb.exp() * p * (y - log_m)) + student, student, q
+    p = y.exp() if p is None else p.clone()
+    v, a = DIVERGENCE_TERMS[kind](x.clone(), y.clone(), q.clone(), p, la, lb)
+    return v, a, q
+
+
+# ---- the per-kind terms in place ------------------------------------------------------------------
+#
+# One function per kind, ``f(x, y, q, p, la, lb, spare=(), grad=None)``, that overwrites its block
+# buffers instead of allocating temporaries: x = log q, y = log p (fp32 [rows, V]); q, p the
+# probabilities, or None for e^x, e^y computed here (into ``spare`` buffers of the block's shape
+# where x or y is still needed, else in place; allocated when ``spare`` runs out); ``la``/``lb``
+# [rows, 1] the log weights of q and p in the mixture m. Without ``grad`` it returns the columns'
+# ``(f-terms, a)`` — the row sums of the forward, and of :func:`divergence_terms` — with a_v = q_v·∂f/∂q_v;
+# with ``grad = (S, scale)`` ([rows, 1] each: the row sums Σ_u a_u and g/τ) it returns the gradient
+# rows ``(a_v − q_v·S)·scale`` (∂f/∂z_v by the softmax Jacobian) and skips the f-terms. Every buffer
+# passed in (x, y, q, p, the spares) may be overwritten. Per element, the operations are those of the
+# formulas below in the same order, so that the results do not depend on the buffers (bitwise the
+# same as the same formula written with temporaries). Guards are bool masks tested "== 0", never
+# "> 0", so that a NaN probability stays NaN: 0·log 0 = 0 where a probability is 0 from a −inf logit,
+# an underflow or a block's padding.
+
+def _spare(spare, like):
+    """The next spare buffer of ``spare`` (a list, consumed), or a new one shaped like ``like``."""
+    return spare.pop() if spare else torch.empty_like(like)
+
+
+def _gradient(a, q, grad):
+    """``(a − q·S)·scale`` in place (into ``a``; ``q`` is overwritten)."""
+    total, scale = grad
+    return a.sub_(q.mul_(total)).mul_(scale)
+
+
+def fkl_terms_(x, y, q, p, la, lb, spare=(), grad=None):
+    """fkl, KL(p‖q): f_v = p (y − x), 0 where p = 0; a_v = −p.
+
+    Gradient rows: (−p − q·S)·scale written as (q·(−S) − p)·scale — the same value, zeros of the
+    same sign — with no f-terms, no a_v and no temporaries: q and p are e^x and e^y in place.
+    Without ``grad`` q is not used."""
+    if grad is not None:
+        total, scale = grad
+        return x.exp_().mul_(-total).sub_(y.exp_()).mul_(scale)
+    d = torch.sub(y, x, out=x)
+    p = y.exp_() if p is None else p
+    return d.mul_(p).masked_fill_(p == 0, 0.0), p.neg_()
+
+
+def rkl_terms_(x, y, q, p, la, lb, spare=(), grad=None):
+    """rkl, KL(q‖p): f_v = a_v = q (x − y), 0 where q = 0 (the constant 1 of ∂f/∂q_v is dropped:
+    adding c·q_v to every a_v leaves the gradient unchanged). p is not used."""
+    d = torch.sub(x, y, out=y)
+    q = x.exp_() if q is None else q
+    a = d.mul_(q).masked_fill_(q == 0, 0.0)
+    return _gradient(a, q, grad) if grad is not None else (a, a)
+
+
+def tvd_terms_(x, y, q, p, la, lb, spare=(), grad=None):
+    """tvd, ½ Σ|p − q|: f_v = ½ |q − p|; a_v = ½ q·sign(q − p) + 0·(q − p) — the subgradient 0 at
+    ties; sign(NaN) is 0, so the 0·(q − p) term carries a NaN probability into a_v. x and y are
+    used only for q, p (e^x, e^y in place); one spare buffer holds the signs."""
+    q = x.exp_() if q is None else q
+    p = y.exp_() if p is None else p
+    d = torch.sub(q, p, out=p)
+    a = torch.sign(d, out=_spare(spare, d)).mul_(q).mul_(0.5)  # ±q·½ is ½q·(±1), bit for bit
+    if grad is not None:
+        return _gradient(a.add_(d.mul_(0.0)), q, grad)
+    a.add_(torch.mul(d, 0.0, out=q))
+    return d.abs_().mul_(0.5), a
+
+
+def _probabilities(x, y, q, p, spare):
+    """``(q, p)``: the given ones, or e^x, e^y into spare buffers (x, y are kept)."""
+    q = torch.exp(x, out=_spare(spare, x)) if q is None else q
+    p = torch.exp(y, out=_spare(spare, y)) if p is None else p
+    return q, p
+
+
+def skl_terms_(x, y, q, p, la, lb, spare=(), grad=None):
+    """skl, KL(p‖m) with m = α q + (1−α) p (la = log α, lb = log(1−α)): log m = logaddexp(la + x,
+    lb + y) (:func:`log_mixture`: exact at α ∈ {0, 1}, never log(p + q));
+    f_v = p (y − log m), 0 where p = 0; a_v = −p·α q/m with α q/m = exp(la + x − log m), 0 where
+    p = 0 or q = 0. q is used only for its guard. Two spare buffers when q, p are not given."""
+    q, p = _probabilities(x, y, q, p, spare)
+    p_zero = p == 0
+    guard = p_zero | (q == 0)
+    lx = x.add_(la)
+    if grad is not None:  # y is needed only as lb + y; q for the gradient
+        log_m = torch.logaddexp(lx, y.add_(lb), out=y)
+    else:  # y is needed for the f-terms; q only for its guard
+        log_m = torch.logaddexp(lx, torch.add(y, lb, out=q), out=q)
+    a = lx.sub_(log_m).exp_().mul_(p).neg_().masked_fill_(guard, 0.0)
+    if grad is not None:
+        return _gradient(a, q, grad)
+    return y.sub_(log_m).mul_(p).masked_fill_(p_zero, 0.0), a
+
+
+def srkl_terms_(x, y, q, p, la, lb, spare=(), grad=None):
+    """srkl, KL(q‖m) with m = α q + (1−α) p: with log m as for skl and d = x − log m,
+    f_v = q d, 0 where q = 0; a_v = q (d + (1−α) p/m), 0 where q = 0 — the full q·∂f/∂q including
+    the dependence of m on q, 1 − α q/m written as (1−α) p/m = exp(lb + y − log m) (0 where p = 0)
+    so that α = 1 gives exactly 0. p is used only for its guard (its buffer then holds log m). Two
+    spare buffers when q, p are not given."""
+    q, p = _probabilities(x, y, q, p, spare)
+    p_zero, q_zero = p == 0, q == 0
+    log_m = torch.logaddexp(torch.add(x, la, out=p), y.add_(lb), out=p)
+    skew = y.sub_(log_m).exp_().masked_fill_(p_zero, 0.0)
+    d = x.sub_(log_m)
+    value = None if grad is not None else torch.mul(q, d, out=log_m).masked_fill_(q_zero, 0.0)
+    a = d.add_(skew).mul_(q).masked_fill_(q_zero, 0.0)
+    return _gradient(a, q, grad) if grad is not None else (value, a)
+
+
+def jsd_terms_(x, y, q, p, la, lb, spare=(), grad=None):
+    """jsd, β KL(p‖M) + (1−β) KL(q‖M) with M = (1−β) q + β p (la = log(1−β), lb = log β, 0 < β < 1):
+    log M = logaddexp(la + x, lb + y); a_v = (1−β) q (x − log M), 0 where q = 0;
+    f_v = β p (y − log M) (0 where p = 0) + a_v. Spare buffers: two, and one more when q is not
+    given (p, when not given, is computed once q's buffer is free)."""
+    q_given = q is not None
+    q = q if q_given else torch.exp(x, out=_spare(spare, x))
+    q_zero = q == 0
+    lx = torch.add(x, la, out=_spare(spare, x))
+    if grad is not None:  # y is needed only as lb + y, q for the gradient
+        log_m = torch.logaddexp(lx, y.add_(lb), out=y)
+        student = x.sub_(log_m).mul_(torch.mul(q, la.exp(), out=lx)).masked_fill_(q_zero, 0.0)
+        return _gradient(student, q, grad)
+    log_m = torch.logaddexp(lx, torch.add(y, lb, out=_spare(spare, y)), out=lx)
+    student = x.sub_(log_m).mul_(q.mul_(la.exp())).masked_fill_(q_zero, 0.0)
+    if p is None:  # q's buffer is free now
+        p = torch.exp(y, out=torch.empty_like(y) if q_given else q)
+    p_zero = p == 0  # before the scaling by β
+    value = y.sub_(log_m).mul_(p.mul_(lb.exp())).masked_fill_(p_zero, 0.0)
+    return value.add_(student), student
+
+
+DIVERGENCE_TERMS = {"fkl": fkl_terms_, "rkl": rkl_terms_, "skl": skl_terms_, "srkl": srkl_terms_,
+                    "jsd": jsd_terms_, "tvd": tvd_terms_}
+# The spare block buffers each kind's function uses: ``(q and p given, not given)``.
+DIVERGENCE_SPARES = {"fkl": (0, 0), "rkl": (0, 0), "tvd": (1, 1), "skl": (0, 2), "srkl": (0, 2), "jsd": (2, 3)}
+# ``(log-probabilities, q, p)``: which of them each kind's forward uses when they are given.
+DIVERGENCE_INPUTS = {"fkl": (True, False, True), "rkl": (True, True, False), "tvd": (False, True, True),
+                     "skl": (True, True, True), "srkl": (True, True, True), "jsd": (True, True, True)}

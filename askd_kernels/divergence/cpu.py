@@ -2,30 +2,34 @@
 
 Same math, same outputs: active rows (valid, not clipped) are streamed in blocks of rows
 (:func:`askd_kernels._torch_math.row_blocks`: cache-sized slices of the logits, never gathered
-copies), and the per-kind terms are :func:`askd_kernels._torch_math.divergence_terms`.
+copies), and the per-kind terms are :data:`askd_kernels._torch_math.DIVERGENCE_TERMS`: one function
+per kind, written once, that works in place on the block's buffers (no block-sized temporaries but
+bool masks) and gives either the columns' (f-terms, a) or the gradient rows.
 
 Per block, each side is one pass that converts the logits to fp32 and shifts them by the row
 maximum into a buffer reused by every block (:func:`askd_kernels._torch_math.shift_into`), then the
 log-sum (the forward) or the forward's (max, log-sum) pair (the backward) turns it into log q / log p
-in place; ``divergence_terms`` runs on the whole block, which stays in the cache. The forward reduces
-the terms to their row sums; the backward turns them into the gradient rows in place and stores
-them into the gradient's final buffer.
+in place; the kind's terms run on the whole block, which stays in the cache. The forward reduces
+the terms to their row sums; the backward gets the gradient rows in place and stores them into the
+gradient's final buffer.
 
 The forward's probabilities are the log-sum's exponentials times e^{−s} (a multiply, not a second
-exp per element).
+exp per element), kept only for the sides the kind uses (:data:`askd_kernels._torch_math.DIVERGENCE_INPUTS`:
+fkl keeps p, rkl q, tvd both and no log-probabilities).
 
 :func:`pairs` and :func:`forward_given_pairs` are the forward's two passes run separately (the
 vocabulary-parallel path, :mod:`.vocab_parallel`): the first pass's pairs of a shard, and the second
 pass from given (global) pairs, as the backward rebuilds log q / log p from them.
 
-Memory: four fp32 block buffers in the forward (log q, log p and the two sides' exponentials, which
-become q and p), two in the backward, plus the temporaries of ``divergence_terms`` on one block
-(≤ ~8 block-sized tensors for srkl) — per worker thread, bounded by the block, never by tokens ×
+Memory, per worker thread: fp32 block buffers — in the forward three (fkl, rkl, tvd), four (skl,
+srkl) or six (jsd); in the backward and :func:`forward_given_pairs` two (fkl, rkl), three (tvd), four
+(skl, srkl) or five (jsd) — plus bool masks of the block: bounded by the block, never by tokens ×
 vocabulary; and O(tokens) vectors.
 """
 import torch
 
-from .._torch_math import chunk_rows, divergence_terms, for_blocks, log_sum_into, row_blocks, rows_view, shift_into
+from .._torch_math import (DIVERGENCE_INPUTS, DIVERGENCE_SPARES, DIVERGENCE_TERMS, chunk_rows, for_blocks, log_sum_into,
+                           row_blocks, rows_view, shift_into)
 
 
 def _active(labels, kappa, ignore_index):
@@ -72,21 +76,38 @@ def forward(student_logits, teacher_logits, labels, kappa, log_w, *, kind, tempe
     blocks = row_blocks(active, n, V, period)
     inv_tau = 1.0 / temperature
 
+    terms = DIVERGENCE_TERMS[kind]
+    use_logs, use_q, use_p = DIVERGENCE_INPUTS[kind]
+    # exponentials: into a buffer of their own per side whose probabilities are kept, one shared
+    # buffer where one side's are discarded (fkl: q, rkl: p), in place where no log-probability is used (tvd)
+    n_work = (2 if use_q and use_p else 1) if use_logs else 0
+
+    def side(rows, out, work, pair, a, b, keep):
+        """One side's pass: the max, (z − m)/τ into ``out``, the log-sum (exponentials into ``work``,
+        or in place without it), ``out`` −= s when ``work`` is given (log softmax(z/τ); NaN rows stay
+        NaN), and the probabilities e^{(z − m)/τ}·e^{−s} if ``keep`` (a multiply, no second exp)."""
+        m = rows.amax(-1).float()
+        s = log_sum_into(shift_into(out, rows, m, inv_tau), work)
+        pair[a:b, 0], pair[a:b, 1] = m, s
+        if work is not None:
+            out.sub_(s.unsqueeze(1))
+        return (out if work is None else work).mul_(torch.exp(-s).unsqueeze(1)) if keep else None
+
     def block(a, b, _mask, buffers):  # rows of a mixed block are zeroed by the torch.where below
         r = b - a
-        x, y, q, p = (buf[:r] for buf in buffers)
-        for rows, out, e, pair in ((z_rows(a, b), x, q, lse_s), (w_rows(a, b), y, p, lse_t)):
-            m = rows.amax(-1).float()
-            s = log_sum_into(shift_into(out, rows, m, inv_tau), e)
-            out.sub_(s.unsqueeze(1))  # log softmax(z/τ) = (z − m)/τ − s, NaN rows stay NaN
-            # the probabilities from the log-sum's exponentials: e^{(z − m)/τ}·e^{−s}, no second exp
-            e.mul_(torch.exp(-s).unsqueeze(1))
-            pair[a:b, 0], pair[a:b, 1] = m, s
-        v, g, _q = divergence_terms(x, y, weights[a:b, :1], weights[a:b, 1:], kind, q=q, p=p)
+        x, y, *work = (buf[:r] for buf in buffers)
+        e_q, e_p = (work[0], work[n_work - 1]) if use_logs else (None, None)
+        student = (z_rows(a, b), x, e_q, lse_s, a, b, use_q)
+        teacher = (w_rows(a, b), y, e_p, lse_t, a, b, use_p)
+        if use_p:
+            q, p = side(*student), side(*teacher)
+        else:  # rkl: the teacher's exponentials go first into the buffer that then keeps q
+            p, q = side(*teacher), side(*student)
+        v, terms_a = terms(x, y, q, p, weights[a:b, :1], weights[a:b, 1:], work[n_work:])
         torch.sum(v, -1, out=value[a:b])
-        torch.sum(g, -1, out=row_sum[a:b])
+        torch.sum(terms_a, -1, out=row_sum[a:b])
 
-    for_blocks(blocks, block, _buffers(blocks, V, dev, 4))
+    for_blocks(blocks, block, _buffers(blocks, V, dev, 2 + n_work + DIVERGENCE_SPARES[kind][0]))
     # Inactive rows (ignored, clipped, or computed inside a mostly active block) store 0.
     value, row_sum = torch.where(active, value, 0.0), torch.where(active, row_sum, 0.0)
     lse_s, lse_t = (torch.where(active.unsqueeze(1), pair, 0.0) for pair in (lse_s, lse_t))
@@ -138,16 +159,18 @@ def forward_given_pairs(student_logits, teacher_logits, labels, kappa, log_w, ls
     weights = log_w.repeat_interleave(T, 0)
     blocks = row_blocks(active, n, V, period)
     inv_tau = 1.0 / temperature
+    terms = DIVERGENCE_TERMS[kind]
 
     def block(a, b, _mask, buffers):
         r = b - a
-        x, y = _given_log_probs(z_rows(a, b), w_rows(a, b), (buf[:r] for buf in buffers), lse_s[a:b], lse_t[a:b],
-                                inv_tau)
-        v, g, _q = divergence_terms(x, y, weights[a:b, :1], weights[a:b, 1:], kind)
+        x, y = _given_log_probs(z_rows(a, b), w_rows(a, b), [buf[:r] for buf in buffers[:2]], lse_s[a:b],
+                                lse_t[a:b], inv_tau)
+        spare = [buf[:r] for buf in buffers[2:]]
+        v, terms_a = terms(x, y, None, None, weights[a:b, :1], weights[a:b, 1:], spare)
         torch.sum(v, -1, out=value[a:b])
-        torch.sum(g, -1, out=row_sum[a:b])
+        torch.sum(terms_a, -1, out=row_sum[a:b])
 
-    for_blocks(blocks, block, _buffers(blocks, V, dev, 2))
+    for_blocks(blocks, block, _buffers(blocks, V, dev, 2 + DIVERGENCE_SPARES[kind][1]))
     # inactive rows (ignored, clipped, or computed inside a mostly active block) store 0
     return torch.where(active, value, 0.0), torch.where(active, row_sum, 0.0)
 
@@ -168,16 +191,17 @@ def backward(student_logits, teacher_logits, labels, kappa, log_w, lse_s, lse_t,
     scale = (grad_value * inv_tau).unsqueeze(1)
     total = row_sum.unsqueeze(1)
     blocks = row_blocks(live, n, V, period)
+    terms = DIVERGENCE_TERMS[kind]
 
     def block(a, b, _mask, buffers):
         r = b - a
-        x, y = _given_log_probs(z_rows(a, b), w_rows(a, b), (buf[:r] for buf in buffers), lse_s[a:b], lse_t[a:b],
-                                inv_tau)
-        _v, g, q = divergence_terms(x, y, weights[a:b, :1], weights[a:b, 1:], kind)
-        g = g.sub_(q.mul_(total[a:b])).mul_(scale[a:b])  # g/τ · (a_v − q_v·S), in place
-        grad[a:b, :V].copy_(g)
+        x, y = _given_log_probs(z_rows(a, b), w_rows(a, b), [buf[:r] for buf in buffers[:2]], lse_s[a:b],
+                                lse_t[a:b], inv_tau)
+        spare = [buf[:r] for buf in buffers[2:]]
+        g = terms(x, y, None, None, weights[a:b, :1], weights[a:b, 1:], spare, grad=(total[a:b], scale[a:b]))
+        grad[a:b, :V].copy_(g)  # g/τ · (a_v − q_v·S)
 
-    for_blocks(blocks, block, _buffers(blocks, V, dev, 2))
+    for_blocks(blocks, block, _buffers(blocks, V, dev, 2 + DIVERGENCE_SPARES[kind][1]))
     if V < V_s:
         grad[:, V:].zero_()
     dead = (~live).nonzero().squeeze(1)  # never written, or computed inside a mostly live block
