@@ -53,12 +53,14 @@ def _buffers(blocks, V, device, count):
 
 
 def _given_log_probs(z_rows, w_rows, buffers, lse_s, lse_t, inv_tau):
-    """``(log q, log p)`` of a block of rows from their given (max, log-sum) pairs ``[r, 2]``:
-    ``(z − m)/τ − s`` written into the two fp32 block ``buffers``, which are returned."""
-    x, y = buffers
+    """``(log q, log p, spare)`` of a block of ``r`` rows from their given (max, log-sum) pairs
+    ``[r, 2]``: ``(z − m)/τ − s`` written into the first two fp32 block ``buffers`` (cut to ``r``
+    rows), and the rest of the buffers cut alike, for the kind's in-place terms."""
+    r = lse_s.shape[0]
+    x, y, *spare = (buf[:r] for buf in buffers)
     for rows, out, pair in ((z_rows, x, lse_s), (w_rows, y, lse_t)):
         shift_into(out, rows, pair[:, 0], inv_tau).sub_(pair[:, 1:])
-    return x, y
+    return x, y, spare
 
 
 def forward(student_logits, teacher_logits, labels, kappa, log_w, *, kind, temperature, ignore_index):
@@ -162,10 +164,7 @@ def forward_given_pairs(student_logits, teacher_logits, labels, kappa, log_w, ls
     terms = DIVERGENCE_TERMS[kind]
 
     def block(a, b, _mask, buffers):
-        r = b - a
-        x, y = _given_log_probs(z_rows(a, b), w_rows(a, b), [buf[:r] for buf in buffers[:2]], lse_s[a:b],
-                                lse_t[a:b], inv_tau)
-        spare = [buf[:r] for buf in buffers[2:]]
+        x, y, spare = _given_log_probs(z_rows(a, b), w_rows(a, b), buffers, lse_s[a:b], lse_t[a:b], inv_tau)
         v, terms_a = terms(x, y, None, None, weights[a:b, :1], weights[a:b, 1:], spare)
         torch.sum(v, -1, out=value[a:b])
         torch.sum(terms_a, -1, out=row_sum[a:b])
@@ -194,10 +193,7 @@ def backward(student_logits, teacher_logits, labels, kappa, log_w, lse_s, lse_t,
     terms = DIVERGENCE_TERMS[kind]
 
     def block(a, b, _mask, buffers):
-        r = b - a
-        x, y = _given_log_probs(z_rows(a, b), w_rows(a, b), [buf[:r] for buf in buffers[:2]], lse_s[a:b],
-                                lse_t[a:b], inv_tau)
-        spare = [buf[:r] for buf in buffers[2:]]
+        x, y, spare = _given_log_probs(z_rows(a, b), w_rows(a, b), buffers, lse_s[a:b], lse_t[a:b], inv_tau)
         g = terms(x, y, None, None, weights[a:b, :1], weights[a:b, 1:], spare, grad=(total[a:b], scale[a:b]))
         grad[a:b, :V].copy_(g)  # g/τ · (a_v − q_v·S)
 
