@@ -42,10 +42,11 @@ the same on every rank. The same chunk loops run on the shard, with the shard's 
 * forward: per chunk, :func:`~askd_kernels.askd.vocab_parallel.shard_label_stats` of the shard's
   logits — the shard's (max, log-sum) pair and the label's in-shard log-prob, 4 fp32 numbers per
   token and model — kept for the whole batch; then ONE ``all_gather`` and
-  :func:`~askd_kernels.askd.vocab_parallel.combine_label_stats` give every rank the whole rows'
+  :func:`~askd_kernels.askd.vocab_parallel.gathered_label_stats` give every rank the whole rows'
   pairs, log q and ℓ, and stage (b) runs replicated. ``rao_blackwell`` adds a second chunk pass:
   the shard's partial full-vocabulary value and S under the global pairs (the divergence family's
-  ``forward_given_pairs``), added by ONE ``all_reduce`` of two numbers per token;
+  ``forward_given_pairs``, :func:`~askd_kernels.askd.vocab_parallel.full_vocab_partial_sums`), added by
+  ONE ``all_reduce`` of two numbers per token;
 * backward: per chunk the shard's logits are recomputed and stage (c) writes the shard's columns of
   ``grad_logits`` from the global pairs (another shard's label marks no column); the shard's rows of
   ``grad_W``/``grad_b`` are exactly those of the unsharded gradients; ``grad_hidden`` is the sum over
@@ -65,11 +66,11 @@ from torch import Tensor
 
 from .. import _checks as check
 from .. import distributed
-from ..divergence import ops as divergence_ops
 from .._custom_op import custom_op
 from .api import option_parameters, bind_options, check_askd_options, detached_fp32, finish_askd
 from .ops import forward_fake, run_coefficients, stages
-from .vocab_parallel import combine_label_stats, shard_label_stats
+from .vocab_parallel import (full_vocab_partial_sums, full_vocab_weights, gathered_label_stats,
+                             shard_label_stats)
 
 # Entries of one chunk's logits (tests lower it to force several chunks on tiny shapes).
 LOGITS_CHUNK_ELEMENTS = 1 << 27
@@ -151,18 +152,13 @@ def _chunked_row_stats(student: Head, labels, teacher_logprobs, teacher: Optiona
     n = labels.numel()
     flat_labels = labels.view(n)
     if pairs is not None:
-        impl = divergence_ops._impl(student.hidden.device)  # the divergence family's kernels or CPU path
-        lse, lse_t, log_w, kappa_tgo, kappa_sgo = pairs
+        lse, lse_t, log_w, kinds = pairs
         shapes = ((n, 2),)
 
         def chunk(z, w, start, stop):
-            part = torch.zeros((stop - start, 2), dtype=torch.float32, device=z.device)
-            for kind, kappa in (("skl", kappa_tgo), ("srkl", kappa_sgo)):  # each row active under one kind
-                value, row_sum = impl.forward_given_pairs(
-                    _per_row(z), _per_row(w), local[start:stop].view(-1, 1), kappa[start:stop], log_w[start:stop],
-                    lse[start:stop], lse_t[start:stop], kind=kind, temperature=temperature, ignore_index=-1)
-                part += torch.stack([value, row_sum], 1)
-            return (part,)
+            return (full_vocab_partial_sums(_per_row(z), local[start:stop].view(-1, 1), _per_row(w),
+                                            lse[start:stop], lse_t[start:stop], log_w[start:stop],
+                                            [(kind, k[start:stop]) for kind, k in kinds], temperature=temperature),)
     elif local is not None:
         shapes = ((n, 4 if teacher is None else 8),)
 
@@ -433,24 +429,6 @@ def linear_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tenso
 # the same chunk loops. Collectives: the forward gathers the per-token shard statistics of the whole
 # batch once (4 fp32 numbers per token and model); the backward all-reduces grad_hidden once.
 
-def _combine_shards(shard_stats: Tensor, labels: Tensor, ignore_index: int, temperature: float, group):
-    """One ``all_gather`` of this rank's ``[n, 4·k]`` shard statistics (k = 1: the student; 2: and the
-    teacher's head), then the whole rows' values, the same on every rank: ``(log_q, log_p_or_None,
-    lse, lse_t_or_None)`` — as :func:`~askd_kernels.askd.vocab_parallel.global_label_stats`, for
-    statistics gathered chunk by chunk: log-probs 0 at ignored positions and NaN at a valid label that
-    no shard holds exactly once; pairs (0, 0) at ignored positions, as on one device."""
-    gathered = distributed.gather_rows(shard_stats, group)
-    valid = labels.reshape(-1) != ignore_index
-    inv_tau = 1.0 / temperature
-    out = []
-    for i in range(shard_stats.shape[1] // 4):
-        pair, log_prob, owners = combine_label_stats(gathered[..., 4 * i:4 * i + 4], inv_tau)
-        out.append((torch.where(valid & (owners != 1), float("nan"), log_prob),
-                    torch.where(valid.unsqueeze(1), pair, 0.0)))
-    (log_q, lse), (log_p, lse_t) = out[0], (out[1] if len(out) > 1 else (None, None))
-    return log_q, log_p, lse, lse_t
-
-
 def _sum_over_shards(partial: Tensor, group) -> Tensor:
     """``partial`` (a buffer of ours, fp32) summed over the group in place: one ``all_reduce``."""
     import torch.distributed as dist
@@ -473,7 +451,8 @@ class _VocabParallelASKD(torch.autograd.Function):
         teacher = None if teacher_hidden is None else Head(teacher_hidden, teacher_weight, teacher_bias)
         (shard_stats,) = _chunked_row_stats(student, labels, None, teacher, temperature, ignore_index,
                                             local=local.view(n))
-        log_q, log_p, lse, lse_t = _combine_shards(shard_stats, labels, ignore_index, temperature, group)
+        log_q, log_p, lse, lse_t = gathered_label_stats(shard_stats, labels, ignore_index=ignore_index,
+                                                        temperature=temperature, group=group)
         if log_p is None:
             log_p = teacher_logprobs.view(n)
         log_ratio = torch.where(labels.view(n) != ignore_index, log_p - log_q, 0.0)
@@ -481,10 +460,9 @@ class _VocabParallelASKD(torch.autograd.Function):
         full_vocab = estimator == "rao_blackwell"
         if full_vocab:  # the second pass under the whole rows' pairs, one all_reduce of two numbers per token
             a, sgo, k = (x.repeat_interleave(T) for x in (alpha, student_generated, kappa))
-            log_w = torch.stack([torch.log(a), torch.log1p(-a)], 1)
-            kappas = (torch.where(sgo != 0, 0.0, k), torch.where(sgo != 0, k, 0.0))
+            log_w, kinds = full_vocab_weights(a, sgo, k)
             (partial,) = _chunked_row_stats(student, labels, None, teacher, temperature, ignore_index,
-                                            local=local.view(n), pairs=(lse, lse_t, log_w, *kappas))
+                                            local=local.view(n), pairs=(lse, lse_t, log_w, kinds))
             fv_value, fv_sum = (x.contiguous() for x in _sum_over_shards(partial, group).unbind(1))
         lam, coef, value = run_coefficients(stages(hidden.device), log_q, log_ratio, labels, student_generated,
                                             alpha, kappa, old_logprobs, baseline_groups, w_max, estimator, gamma,
@@ -542,7 +520,8 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         n = labels.numel()
         (shard_stats,) = _chunked_row_stats(Head(hidden, weight, bias), labels, None, None, temperature,
                                             ignore_index, local=local.view(n))
-        log_q, _log_p, lse, _lse_t = _combine_shards(shard_stats, labels, ignore_index, temperature, group)
+        log_q, _log_p, lse, _lse_t = gathered_label_stats(shard_stats, labels, ignore_index=ignore_index,
+                                                          temperature=temperature, group=group)
         # ∂log q/∂z = (onehot − softmax)/τ: stage (c)'s (softmax − onehot)/τ with factor −g; a NaN log q
         # (a label outside the vocabulary) makes its gradient row NaN, as on one device.
         ctx.save_for_backward(hidden, weight, bias, local, lse, log_q.isnan())

@@ -74,36 +74,67 @@ def global_label_stats(stage, student_shard: Tensor, labels: Tensor, teacher_sha
     parts = [shard_label_stats(stage, student_shard, local, temperature)]
     if teacher_shard is not None:
         parts.append(shard_label_stats(stage, teacher_shard, local, temperature))
-    gathered = distributed.gather_rows(torch.cat(parts, 1), group)
+    log_q, log_p, lse, lse_t = gathered_label_stats(torch.cat(parts, 1), labels, ignore_index=ignore_index,
+                                                    temperature=temperature, group=group)
+    return log_q, log_p, lse, lse_t, local
+
+
+def gathered_label_stats(shard_stats: Tensor, labels: Tensor, *, ignore_index: int, temperature: float, group):
+    """One ``all_gather`` of this rank's ``[n, 4·k]`` :func:`shard_label_stats` (k = 1: the student;
+    2: then the teacher), then the whole rows' ``(log_q, log_p_or_None, lse, lse_t_or_None)``, the
+    same on every rank: log-probs 0 at ignored positions and NaN at a valid label that no shard holds
+    exactly once; pairs (0, 0) at ignored positions, as on one device (the shards' zero pairs would
+    combine to (0, log P)). Callers that gather their statistics chunk by chunk call it once."""
+    gathered = distributed.gather_rows(shard_stats, group)
     inv_tau = 1.0 / temperature
-    valid = (labels.reshape(-1) != ignore_index)
+    valid = labels.reshape(-1) != ignore_index
     out = []
-    for i in range(len(parts)):
+    for i in range(shard_stats.shape[1] // 4):
         pair, log_prob, owners = combine_label_stats(gathered[..., 4 * i:4 * i + 4], inv_tau)
-        # ignored rows: pair (0, 0) as on one device (the shards' zero pairs would combine to (0, log P))
-        out.append((torch.where(valid.unsqueeze(1), pair, 0.0),
-                    torch.where(valid & (owners != 1), float("nan"), log_prob)))
-    (lse, log_q), teacher = out[0], (out[1] if len(out) > 1 else (None, None))
-    return log_q, teacher[1], lse, teacher[0], local
+        out.append((torch.where(valid & (owners != 1), float("nan"), log_prob),
+                    torch.where(valid.unsqueeze(1), pair, 0.0)))
+    (log_q, lse), (log_p, lse_t) = out[0], (out[1] if len(out) > 1 else (None, None))
+    return log_q, log_p, lse, lse_t
+
+
+def full_vocab_weights(alpha: Tensor, sgo: Tensor, kappa: Tensor):
+    """Per row, what ``rao_blackwell``'s partial sums pass to the divergence family's
+    ``forward_given_pairs``: the mixture's log weights ``[n, 2]`` = (log α, log(1 − α)) (m = α q +
+    (1 − α) p) and the κ of each kind, ``(("skl", κ on TGO rows), ("srkl", κ on SGO rows))`` — each row
+    active under exactly one of them."""
+    log_w = torch.stack([torch.log(alpha), torch.log1p(-alpha)], 1)
+    is_sgo = sgo != 0
+    return log_w, (("skl", torch.where(is_sgo, 0.0, kappa).contiguous()),
+                   ("srkl", torch.where(is_sgo, kappa, 0.0).contiguous()))
+
+
+def full_vocab_partial_sums(student_shard: Tensor, local: Tensor, teacher_shard: Tensor, lse: Tensor,
+                            lse_t: Tensor, log_w: Tensor, kinds, *, temperature: float) -> Tensor:
+    """``[n, 2]`` fp32: this shard's partial full-vocabulary value and S per row — skl on TGO rows,
+    srkl on SGO rows (``log_w``, ``kinds`` from :func:`full_vocab_weights`, per row of
+    ``student_shard``) over the shard's own columns, under the global pairs ``lse``/``lse_t``. 0 at
+    ignored rows (``local`` = −1) and clipped sequences (κ = 0). No collective: callers add the
+    shards' partial sums once (chunked callers after their last chunk)."""
+    impl = divergence_ops._impl(student_shard.device)
+    total = None
+    # Each row is active under exactly one kind (the other's κ is 0, its value and sum exactly 0).
+    for kind, k in kinds:
+        value, row_sum = impl.forward_given_pairs(student_shard, teacher_shard, local, k, log_w, lse,
+                                                  lse_t, kind=kind, temperature=temperature, ignore_index=-1)
+        part = torch.stack([value.reshape(-1), row_sum.reshape(-1)], 1)
+        total = part if total is None else total + part
+    return total
 
 
 def full_vocab_sums(student_shard: Tensor, local: Tensor, teacher_shard: Tensor, lse: Tensor, lse_t: Tensor,
                     alpha: Tensor, sgo: Tensor, kappa: Tensor, *, temperature: float, group):
     """``rao_blackwell``'s per-token full-vocabulary value and row sum S (fp32 ``[n]`` each, the same on
-    every rank): skl on TGO rows, srkl on SGO rows, each shard's partial sums over its own columns
-    under the global pairs ``lse``/``lse_t``, added by one ``all_reduce``. 0 at ignored rows
-    (``local`` = −1) and clipped sequences (κ = 0), as :func:`.cpu.full_vocab_row_stats` writes them.
-    ``alpha``, ``sgo``, ``kappa`` are per row of ``student_shard`` (its leading dimension)."""
-    impl = divergence_ops._impl(student_shard.device)
-    log_w = torch.stack([torch.log(alpha), torch.log1p(-alpha)], 1)  # m = α q + (1 − α) p
-    is_sgo = sgo != 0
-    total = None
-    # Each row is active under exactly one kind (the other's κ is 0, its value and sum exactly 0).
-    for kind, k in (("skl", torch.where(is_sgo, 0.0, kappa)), ("srkl", torch.where(is_sgo, kappa, 0.0))):
-        value, row_sum = impl.forward_given_pairs(student_shard, teacher_shard, local, k.contiguous(), log_w, lse,
-                                                  lse_t, kind=kind, temperature=temperature, ignore_index=-1)
-        part = torch.stack([value.reshape(-1), row_sum.reshape(-1)], 1)
-        total = part if total is None else total + part
+    every rank): :func:`full_vocab_partial_sums` added over the shards by one ``all_reduce``, as
+    :func:`.cpu.full_vocab_row_stats` writes them on one device. ``alpha``, ``sgo``, ``kappa`` are
+    per row of ``student_shard`` (its leading dimension)."""
+    log_w, kinds = full_vocab_weights(alpha, sgo, kappa)
+    total = full_vocab_partial_sums(student_shard, local, teacher_shard, lse, lse_t, log_w, kinds,
+                                    temperature=temperature)
     total = distributed.all_reduce_sum(total, group)
     return total[:, 0].contiguous(), total[:, 1].contiguous()
 
