@@ -117,6 +117,34 @@ def edge_columns(h, L, VEC: tl.constexpr):
 
 
 @triton.jit
+def load_main(X, start, i, read, BLOCK: tl.constexpr, MASKED: tl.constexpr = False):
+    """Block ``i`` of a row's aligned main region — columns start + i·BLOCK + [0, BLOCK), all inside the
+    row; ``start`` a multiple of 16 bytes, innermost stride 1 — in fp32: no per-column mask, 128-bit
+    loads. ``MASKED``: only where the scalar ``read`` holds (−inf elsewhere), a per-row predicate.
+    bf16 is read as 32-bit words, each split into its two columns by one shift and one AND (the
+    bf16 bits are the fp32's high half): 2 instructions per pair where a per-element conversion
+    takes 3."""
+    if X.dtype.element_ty == tl.bfloat16:
+        lanes = tl.arange(0, BLOCK // 2)
+        ptrs = X.to(tl.pointer_type(tl.int32), bitcast=True) + start // 2 + i * (BLOCK // 2) + lanes
+        if MASKED:  # the mask is loop-invariant: computed once, outside the loop
+            words = tl.load(ptrs, mask=lanes < tl.where(read, BLOCK // 2, 0), other=-8323200)  # 0xff80ff80: 2 × −inf
+        else:
+            words = tl.load(ptrs)
+        lo = (words << 16).to(tl.float32, bitcast=True)
+        hi = (words & -65536).to(tl.float32, bitcast=True)
+        x = tl.join(lo, hi).reshape([BLOCK])
+    else:
+        lanes = tl.arange(0, BLOCK)
+        ptrs = X + start + i * BLOCK + lanes
+        if MASKED:
+            x = tl.load(ptrs, mask=lanes < tl.where(read, BLOCK, 0), other=float("-inf")).to(tl.float32)
+        else:
+            x = tl.load(ptrs).to(tl.float32)
+    return x
+
+
+@triton.jit
 def _lse_block(m, acc, x, k):
     """One online log-sum-exp step of a block ``x`` (fp32) with base-2 scale ``k`` = log2(e)/τ."""
     m_new = tl.maximum(m, tl.max(x, axis=0))
@@ -163,10 +191,19 @@ def row_logsumexp(X, row_off, stride_v, n_cols, inv_tau, BLOCK: tl.constexpr, VE
     start, h, L = row_span(row_off, n_cols, VEC)
     m, acc = _lse_edge(X, row_off, stride_v, n_cols, h, L, k, BLOCK, VEC)
     cols = tl.arange(0, BLOCK)
-    for i in range(0, tl.cdiv(L, BLOCK)):
-        offs = i * BLOCK + cols
-        x = tl.load(X + start + offs * stride_v, mask=offs < L, other=float("-inf")).to(tl.float32)
-        m, acc = _lse_block(m, acc, x, k)
+    if VEC > 1:  # full blocks unmasked, then the partial last block
+        n_full = L // BLOCK
+        for i in range(0, n_full):
+            m, acc = _lse_block(m, acc, load_main(X, start, i, True, BLOCK), k)
+        if n_full * BLOCK < L:
+            offs = n_full * BLOCK + cols
+            x = tl.load(X + start + offs, mask=offs < L, other=float("-inf")).to(tl.float32)
+            m, acc = _lse_block(m, acc, x, k)
+    else:
+        for i in range(0, tl.cdiv(L, BLOCK)):
+            offs = i * BLOCK + cols
+            x = tl.load(X + start + offs * stride_v, mask=offs < L, other=float("-inf")).to(tl.float32)
+            m, acc = _lse_block(m, acc, x, k)
     return m, tl.log(tl.sum(acc, axis=0))
 
 
@@ -182,12 +219,26 @@ def row_pair_logsumexp(S, s_off, stride_sv, W, w_off, stride_wv, n_cols, inv_tau
     m_s, acc_s = _lse_edge(S, s_off, stride_sv, n_cols, h, L, k, BLOCK, VEC)
     m_t, acc_t = _lse_edge(W, w_off, stride_wv, n_cols, h, L, k, BLOCK, VEC)
     cols = tl.arange(0, BLOCK)
-    for i in range(0, tl.cdiv(L, BLOCK)):
-        offs = i * BLOCK + cols
-        z = tl.load(S + start + offs * stride_sv, mask=offs < L, other=float("-inf")).to(tl.float32)
-        w = tl.load(W + w_start + offs * stride_wv, mask=offs < L, other=float("-inf")).to(tl.float32)
-        m_s, acc_s = _lse_block(m_s, acc_s, z, k)
-        m_t, acc_t = _lse_block(m_t, acc_t, w, k)
+    if VEC > 1:  # full blocks unmasked, then the partial last block
+        n_full = L // BLOCK
+        for i in range(0, n_full):
+            z = load_main(S, start, i, True, BLOCK)
+            w = load_main(W, w_start, i, True, BLOCK)
+            m_s, acc_s = _lse_block(m_s, acc_s, z, k)
+            m_t, acc_t = _lse_block(m_t, acc_t, w, k)
+        if n_full * BLOCK < L:
+            offs = n_full * BLOCK + cols
+            z = tl.load(S + start + offs, mask=offs < L, other=float("-inf")).to(tl.float32)
+            w = tl.load(W + w_start + offs, mask=offs < L, other=float("-inf")).to(tl.float32)
+            m_s, acc_s = _lse_block(m_s, acc_s, z, k)
+            m_t, acc_t = _lse_block(m_t, acc_t, w, k)
+    else:
+        for i in range(0, tl.cdiv(L, BLOCK)):
+            offs = i * BLOCK + cols
+            z = tl.load(S + start + offs * stride_sv, mask=offs < L, other=float("-inf")).to(tl.float32)
+            w = tl.load(W + w_start + offs * stride_wv, mask=offs < L, other=float("-inf")).to(tl.float32)
+            m_s, acc_s = _lse_block(m_s, acc_s, z, k)
+            m_t, acc_t = _lse_block(m_t, acc_t, w, k)
     return m_s, tl.log(tl.sum(acc_s, axis=0)), m_t, tl.log(tl.sum(acc_t, axis=0))
 
 
@@ -304,6 +355,31 @@ def a_unit(KIND: tl.constexpr):
 
 
 @triton.jit
+def _log_ratio_or_zero(prob, log_prob, log_other):
+    """``log_prob − log_other``, or 0 where ``prob`` (= 2^log_prob) is 0: the factor of a 0·log 0 = 0
+    f-term ``prob·(log_prob − log_other)``. The guard sits on the factor, not on the product, so that
+    the product and the accumulation after it are one FFMA. It tests "== 0", never "> 0", so that a
+    NaN probability stays NaN."""
+    return tl.where(prob == 0.0, 0.0, log_prob - log_other)
+
+
+@triton.jit
+def _jsd_terms(x, y, la, lb):
+    """jsd's two f-terms, ``(β p (y − log M), (1−β) q (x − log M))`` in base 2 (the second is also its
+    a), 0 < β < 1: no endpoint to keep exact, so M = (1−β) q + β p directly — one exp2 per weighted
+    probability, one fast log2 — and 0·log 0 = 0 by floors instead of tests: (1−β) q > 0 implies
+    x ≥ −126 − la and log M ≥ log2((1−β) q) ≥ −126, both far above LOG2_FLOOR, where the floors
+    change nothing; where (1−β) q = 0 (x = −inf, or a flushed product) the floored difference is finite
+    and the term 0. Likewise for p. A NaN input leaves a NaN weight, hence a NaN log M (its floor
+    propagates NaN) and both terms NaN, as the guards gave. Three maxima where the guards took two
+    tests and two selects."""
+    wq = tl.exp2(la + x)
+    wp = tl.exp2(lb + y)
+    log_m = tl.maximum(fast_log2(wq + wp), LOG2_FLOOR, propagate_nan=tl.PropagateNan.ALL)
+    return wp * (tl.maximum(y, LOG2_FLOOR) - log_m), wq * (tl.maximum(x, LOG2_FLOOR) - log_m)
+
+
+@triton.jit
 def divergence_terms(x, y, la, lb, wq, wp, KIND: tl.constexpr):
     """``(f-terms, a, q)`` of a block of columns for the divergence ``KIND``, in base 2.
 
@@ -338,19 +414,14 @@ def divergence_terms(x, y, la, lb, wq, wp, KIND: tl.constexpr):
     p = tl.exp2(y)
     # 0·log 0 = 0 guards test "== 0", never "> 0", so that a NaN probability stays NaN.
     if KIND == 0:
-        value = tl.where(p == 0.0, 0.0, p * (y - x))
+        value = p * _log_ratio_or_zero(p, y, x)
         a = -p
     elif KIND == 1:
-        value = tl.where(q == 0.0, 0.0, q * (x - y))
+        value = q * _log_ratio_or_zero(q, x, y)
         a = value
     elif KIND == 4:
-        # 0 < β < 1: no endpoint to keep exact, so M = (1−β) q + β p directly, one exp2 per weighted
-        # probability and one fast log2; M ≥ each term > 0 keeps log M finite where a term is used.
-        wq = tl.exp2(la + x)
-        wp = tl.exp2(lb + y)
-        log_m = fast_log2(wq + wp)
-        a = tl.where(wq == 0.0, 0.0, wq * (x - log_m))
-        value = tl.where(wp == 0.0, 0.0, wp * (y - log_m)) + a
+        pv, a = _jsd_terms(x, y, la, lb)
+        value = pv + a
     elif KIND == 5:
         value = 0.5 * tl.abs(p - q)
         # the last branch is 0·(q − p): 0 at ties, NaN when either probability is NaN
@@ -381,13 +452,13 @@ def _mixture_terms(x, y, q, p, la, lb, wq, wp, KIND: tl.constexpr, GRADIENT: tl.
     # input), so −p·ratio and q·ratio are 0 where p = 0, q = 0: no guard.
     log_m_floor = tl.maximum(log_m, LOG2_FLOOR, propagate_nan=tl.PropagateNan.ALL)
     if KIND == 2:
-        value = tl.where(p == 0.0, 0.0, p * (y - log_m))
+        value = p * _log_ratio_or_zero(p, y, log_m)
         part = -p * tl.exp2(la + x - log_m_floor)
     else:
         if GRADIENT:
             value = q * (tl.maximum(x, LOG2_FLOOR) - log_m_floor)
         else:
-            value = tl.where(q == 0.0, 0.0, q * (x - log_m))
+            value = q * _log_ratio_or_zero(q, x, log_m)
         part = q * tl.exp2(lb + y - log_m_floor)
     return value, part
 
@@ -416,6 +487,8 @@ def _sum_terms(x, y, la, lb, wq, wp, KIND: tl.constexpr):
     except for srkl, q·(1−α)p/m (:func:`_mixture_terms`; the row sum is Σ f + log2(e)·Σ a-part)."""
     if KIND == 3:
         v, a = _mixture_terms(x, y, tl.exp2(x), tl.exp2(y), la, lb, wq, wp, KIND, False)
+    elif KIND == 4:
+        v, a = _jsd_terms(x, y, la, lb)
     else:
         v, a, _q = divergence_terms(x, y, la, lb, wq, wp, KIND)
     return v, a
@@ -429,7 +502,8 @@ def divergence_row_sums(S, s_off, stride_sv, n_s, W, w_off, stride_wv, n_t, inv_
     ``n_s`` / ``n_t`` columns to read (0: skip; student columns ≥ n_s and teacher columns ≥ n_t give
     probability 0; n_t ≤ n_s) — from their (max, log-sum) pairs; ``la``/``lb`` natural log weights. The edge
     columns first, then the aligned main loop (VEC > 1 needs congruent rows, :func:`row_vector`, and
-    n_t ∈ {0, n_s}). Vector accumulators, reduced after the loop."""
+    n_t = n_s: its full blocks read both rows without a mask, :func:`load_main`; the partial last
+    block is masked). Vector accumulators, reduced after the loop."""
     k = inv_tau * LOG2E
     la2 = la * LOG2E
     lb2 = lb * LOG2E
@@ -453,29 +527,44 @@ def divergence_row_sums(S, s_off, stride_sv, n_s, W, w_off, stride_wv, n_t, inv_
     # vector accumulators, reduced once after the loop: no per-block shuffles and barrier
     value_acc = tl.zeros([BLOCK], dtype=tl.float32)
     sum_acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in range(0, tl.cdiv(L, BLOCK)):
-        v, a = _block_terms(S, W, start, w_start, i * BLOCK + cols, L, L_t, stride_sv, stride_wv, m_s, s_s,
-                            m_t, s_t, k, la2, lb2, wq, wp, KIND)
-        value_acc += v
-        sum_acc += a
+    if VEC > 1:
+        n_full = L // BLOCK
+        for i in range(0, n_full):
+            z = load_main(S, start, i, True, BLOCK)
+            w = load_main(W, w_start, i, True, BLOCK)
+            v, a = _sum_terms(log2_softmax_at(z, m_s, s_s, k), log2_softmax_at(w, m_t, s_t, k), la2, lb2, wq, wp,
+                              KIND)
+            value_acc += v
+            sum_acc += a
+        if n_full * BLOCK < L:
+            v, a = _block_terms(S, W, start, w_start, n_full * BLOCK + cols, L, L_t, stride_sv, stride_wv, m_s, s_s,
+                                m_t, s_t, k, la2, lb2, wq, wp, KIND)
+            value_acc += v
+            sum_acc += a
+    else:
+        for i in range(0, tl.cdiv(L, BLOCK)):
+            v, a = _block_terms(S, W, start, w_start, i * BLOCK + cols, L, L_t, stride_sv, stride_wv, m_s, s_s,
+                                m_t, s_t, k, la2, lb2, wq, wp, KIND)
+            value_acc += v
+            sum_acc += a
     value += tl.sum(value_acc, axis=0)
     row_sum += tl.sum(sum_acc, axis=0)
     if KIND == 3:
         row_sum = value + row_sum * LOG2E
+    if KIND == 4:
+        value += row_sum
     return value * value_unit(KIND), row_sum * a_unit(KIND)
 
 
 @triton.jit
 def _gradient_columns(x, y, la2, lb2, wq, wp, scale, row_sum, live, offs, label, scale_label, KIND: tl.constexpr,
-                      HAS_LABEL: tl.constexpr):
+                      HAS_LABEL: tl.constexpr, ONE_HOT: tl.constexpr = True):
+    """The gradient of columns ``offs`` from their x, y (see :func:`divergence_row_gradient`);
+    ``ONE_HOT=False`` leaves the label's −scale_label out, for blocks that cannot hold the label: no
+    per-column compare."""
     if KIND == 3:
         q = tl.exp2(x)
-        # the f-term without its guard where no label term follows (with one, ptxas then moves 64-bit
-        # column offsets into rao_blackwell's loop: +1 instruction per element instead of −1)
-        if HAS_LABEL:
-            f, qr = _mixture_terms(x, y, q, tl.exp2(y), la2, lb2, wq, wp, KIND, False)
-        else:
-            f, qr = _mixture_terms(x, y, q, tl.exp2(y), la2, lb2, wq, wp, KIND, True)
+        f, qr = _mixture_terms(x, y, q, tl.exp2(y), la2, lb2, wq, wp, KIND, True)
         a = f + qr * LOG2E  # as divergence_terms
     else:
         _v, a, q = divergence_terms(x, y, la2, lb2, wq, wp, KIND)
@@ -483,7 +572,10 @@ def _gradient_columns(x, y, la2, lb2, wq, wp, scale, row_sum, live, offs, label,
     # and its q is 1 (τ → 0), the difference is exactly 0, however large g/τ is
     grad = tl.where(live, scale * (a * a_unit(KIND) - q * row_sum), 0.0)
     if HAS_LABEL:
-        grad += scale_label * (q - tl.where(offs == label, 1.0, 0.0))
+        if ONE_HOT:
+            grad += scale_label * (q - tl.where(offs == label, 1.0, 0.0))
+        else:
+            grad += scale_label * q
     return grad
 
 
@@ -519,10 +611,53 @@ def divergence_row_gradient(G, g_off, S, s_off, stride_sv, V_s, n_s, W, w_off, s
         tl.store(G + g_off + ecols, ge.to(G.dtype.element_ty), mask=eok & (ecols < V_s))
     cols = tl.arange(0, BLOCK)
     lab_main = lab - h  # the label's offset in the main region
-    for i in range(0, tl.cdiv(L, BLOCK)):
-        offs = i * BLOCK + cols
-        z = tl.load(S + start + offs * stride_sv, mask=offs < L_s, other=float("-inf"))
-        w = tl.load(W + w_start + offs * stride_wv, mask=offs < L_t, other=float("-inf"))
-        grad = _gradient_columns(log2_softmax_at(z, m_s, s_s, k), log2_softmax_at(w, m_t, s_t, k), la2, lb2, wq, wp,
-                                 scale, row_sum, live, offs, lab_main, scale_label, KIND, HAS_LABEL)
-        tl.store(G + g_start + offs, grad.to(G.dtype.element_ty), mask=offs < L)
+    if VEC > 1:
+        # Full blocks without a per-column mask (L_s, L_t ∈ {0, L}: a per-row read predicate) and
+        # without the label compare: the full block holding the label, if any, is skipped by the loop
+        # and done after it, with the compare. Then the partial last block, masked.
+        n_full = L // BLOCK
+        if HAS_LABEL:
+            in_full = (lab_main >= 0) & (lab_main < n_full * BLOCK)
+            label_block = tl.where(in_full, lab_main // BLOCK, n_full)
+            n_loop = n_full - in_full.to(tl.int32)
+        else:
+            label_block = n_full
+            n_loop = n_full
+        for j in range(0, n_loop):
+            i = j + (j >= label_block).to(tl.int32)
+            offs = i * BLOCK + cols
+            z = load_main(S, start, i, L_s > 0, BLOCK, True)
+            w = load_main(W, w_start, i, L_t > 0, BLOCK, True)
+            grad = _gradient_columns(log2_softmax_at(z, m_s, s_s, k), log2_softmax_at(w, m_t, s_t, k), la2, lb2, wq,
+                                     wp, scale, row_sum, live, offs, lab_main, scale_label, KIND, HAS_LABEL, False)
+            tl.store(G + g_start + offs, grad.to(G.dtype.element_ty))
+        if HAS_LABEL:
+            if in_full:
+                offs = label_block * BLOCK + cols
+                z = load_main(S, start, label_block, L_s > 0, BLOCK, True)
+                w = load_main(W, w_start, label_block, L_t > 0, BLOCK, True)
+                grad = _gradient_columns(log2_softmax_at(z, m_s, s_s, k), log2_softmax_at(w, m_t, s_t, k), la2, lb2,
+                                         wq, wp, scale, row_sum, live, offs, lab_main, scale_label, KIND, HAS_LABEL)
+                tl.store(G + g_start + offs, grad.to(G.dtype.element_ty))
+        if n_full * BLOCK < L:
+            _gradient_block(G, g_start, S, start, W, w_start, n_full * BLOCK + cols, L, L_s, L_t, stride_sv, stride_wv,
+                            m_s, s_s, m_t, s_t, k, la2, lb2, wq, wp, scale, row_sum, live, lab_main, scale_label,
+                            KIND, HAS_LABEL)
+    else:
+        for i in range(0, tl.cdiv(L, BLOCK)):
+            _gradient_block(G, g_start, S, start, W, w_start, i * BLOCK + cols, L, L_s, L_t, stride_sv, stride_wv,
+                            m_s, s_s, m_t, s_t, k, la2, lb2, wq, wp, scale, row_sum, live, lab_main, scale_label,
+                            KIND, HAS_LABEL)
+
+
+@triton.jit
+def _gradient_block(G, g_start, S, start, W, w_start, offs, L, L_s, L_t, stride_sv, stride_wv, m_s, s_s, m_t, s_t, k,
+                    la2, lb2, wq, wp, scale, row_sum, live, lab_main, scale_label, KIND: tl.constexpr,
+                    HAS_LABEL: tl.constexpr):
+    """One masked block of :func:`divergence_row_gradient`'s main region: columns ``offs`` (student
+    read below ``L_s``, teacher below ``L_t``, written below ``L``)."""
+    z = tl.load(S + start + offs * stride_sv, mask=offs < L_s, other=float("-inf"))
+    w = tl.load(W + w_start + offs * stride_wv, mask=offs < L_t, other=float("-inf"))
+    grad = _gradient_columns(log2_softmax_at(z, m_s, s_s, k), log2_softmax_at(w, m_t, s_t, k), la2, lb2, wq, wp,
+                             scale, row_sum, live, offs, lab_main, scale_label, KIND, HAS_LABEL)
+    tl.store(G + g_start + offs, grad.to(G.dtype.element_ty), mask=offs < L)

@@ -202,6 +202,31 @@ def test_interpreted_endpoints_are_the_limits_bit_for_bit():
             assert not v1.any() and not a1.any()
 
 
+def _guarded_jsd(x, y, la, lb):
+    """jsd's terms with the explicit 0·log 0 guards the floors replaced (numpy, as the interpreter)."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        wq, wp = np.exp2(la + x), np.exp2(lb + y)
+        log_m = np.log2(wq + wp)
+        a = np.where(wq == 0, F32(0), wq * (x - log_m))
+        return np.where(wp == 0, F32(0), wp * (y - log_m)) + a, a
+
+
+@needs_interpreter
+@pytest.mark.parametrize("beta", [0.5, 0.3, 1e-7, 1.0 - 1e-7, 2.0 ** -30])
+def test_interpreted_jsd_floors_are_the_guarded_terms(beta):
+    """jsd's 0·log 0 = 0 by floors (max(x, −2^100) − max(log2 M, −2^100)) gives the guarded terms'
+    values on the grid (finite or −inf logs, around the denormal boundary, huge gaps), finite
+    everywhere, and NaN for a NaN log, as the guards did."""
+    x, y = _grid()
+    _, val, a, la, lb = _interpreted(x, y, 1.0 - beta, 4)   # jsd's weights: (1−β) for q, β for p
+    want_val, want_a = _guarded_jsd(x, y, F32(la), F32(lb))
+    assert np.isfinite(val).all() and np.isfinite(a).all(), beta
+    assert np.array_equal(val, want_val) and np.array_equal(a, want_a), beta
+    for xn, yn in ((np.full_like(x, np.nan), y), (x, np.full_like(y, np.nan))):
+        _, vn, an, _, _ = _interpreted(xn, yn, 1.0 - beta, 4)
+        assert np.isnan(vn).all() and np.isnan(an).all(), beta
+
+
 @pytest.mark.parametrize("kind", ["skl", "srkl"])
 def test_divergences_at_extreme_alpha_and_huge_gaps_match_fp64(backend, kind):
     """End to end, both backends: rows whose log-probabilities sit around the fp32 normal/denormal

@@ -36,29 +36,31 @@ LOOPS = {"row_stats": 2, "coefficients": 2, "gradient": 1, "full_vocab_row_stats
 # Thread-level SASS instructions per element of each loop (loops in address order), sm_90, V=151936,
 # bf16, as measured by `python -m bench static` with triton 3.9.0
 # (exp2 with the scale folded in, the aligned main loop, one pass for both log-sum-exps, the fast log2
-# of the mixtures, vector accumulators, skl / srkl's direct mixture with per-row endpoint weights):
+# of the mixtures, vector accumulators, skl / srkl's direct mixture with per-row endpoint weights; then
+# full blocks without per-column masks, bf16 read as 32-bit words, the f-term guard on its factor,
+# jsd's floors, the label's block peeled out of the gradient loops):
 # docs/static.md has the table and the before/after.
 # The ceiling is the measured value + HEADROOM: a change that adds ~5% to a loop body fails here; one
 # that lowers it passes (then lower the number here to lock the gain in).
 HEADROOM = 1.05
 MEASURED_SM90 = {
-    "row_stats": [9.69, 9.69],
+    "row_stats": [8.19, 8.25],
     "coefficients": [9.75, 230.25],              # per token, not per vocabulary element
-    "gradient": [14.06],
-    "full_vocab_row_stats": [9.69, 9.69, 28.00, 27.81],
-    "full_vocab_gradient": [38.12, 33.88],
-    "divergence_forward[fkl]": [18.94, 16.94],
-    "divergence_backward[fkl]": [17.12],
-    "divergence_forward[rkl]": [18.94, 15.94],
-    "divergence_backward[rkl]": [21.31],
-    "divergence_forward[skl]": [18.94, 27.69],
-    "divergence_backward[skl]": [27.62],
-    "divergence_forward[srkl]": [18.94, 27.81],
-    "divergence_backward[srkl]": [32.81],
-    "divergence_forward[jsd]": [18.94, 26.69],
-    "divergence_backward[jsd]": [27.06],
-    "divergence_forward[tvd]": [18.94, 21.12],
-    "divergence_backward[tvd]": [21.94],
+    "gradient": [7.31],
+    "full_vocab_row_stats": [8.19, 8.19, 23.81, 23.81],
+    "full_vocab_gradient": [32.25, 27.25],
+    "divergence_forward[fkl]": [16.06, 13.06],
+    "divergence_backward[fkl]": [15.25],
+    "divergence_forward[rkl]": [16.06, 12.06],
+    "divergence_backward[rkl]": [19.31],
+    "divergence_forward[skl]": [16.06, 23.81],
+    "divergence_backward[skl]": [26.25],
+    "divergence_forward[srkl]": [16.06, 23.81],
+    "divergence_backward[srkl]": [31.25],
+    "divergence_forward[jsd]": [16.06, 19.81],
+    "divergence_backward[jsd]": [25.44],
+    "divergence_forward[tvd]": [16.06, 17.81],
+    "divergence_backward[tvd]": [20.12],
 }
 
 
@@ -141,15 +143,33 @@ def test_keeps_a_vectorised_main_loop_for_v_not_a_multiple_of_16(compiled, V):
 
 def test_no_loop_is_issue_bound_because_v_is_not_a_multiple_of_16(compiled):
     """What the model predicts for a loop at V % 16 != 0 is what it predicts at V % 16 == 0: the
-    unaligned vocabulary costs no issue slots (at V % 16 == 0 and IPC 0.5, the skl / srkl / jsd /
-    rao_blackwell divergence sums and rao_blackwell's gradient loops stay issue-bound by their math:
-    docs/static.md)."""
+    unaligned vocabulary costs no issue slots (at V % 16 == 0 and IPC 0.5, the skl / srkl /
+    rao_blackwell divergence sums stay issue-bound by their math: docs/static.md)."""
     gpu = static.GPUS[90]
     for name in VOCAB_KERNELS:
         a, u = compiled[(name, V_ALIGNED, 90)], compiled[(name, V_UNALIGNED, 90)]
         pa = static.predict(a, None, 0, gpu, V_ALIGNED, static.IPC_PESSIMISTIC)["loops"]
         pu = static.predict(u, None, 0, gpu, V_UNALIGNED, static.IPC_PESSIMISTIC)["loops"]
         assert [lp["bound"] for lp in pu] == [lp["bound"] for lp in pa], name
+
+
+# The loops still issue-bound at the model's pessimistic end (IPC 0.5): the skl / srkl divergence sums
+# (the forward's second loop; rao_blackwell's row stats: its two sums, SGO/TGO). docs/static.md, "What is left".
+ISSUE_BOUND_AT_IPC_05 = {("divergence_forward[skl]", 1), ("divergence_forward[srkl]", 1),
+                         ("full_vocab_row_stats", 2), ("full_vocab_row_stats", 3)}
+
+
+@pytest.mark.parametrize("V", [V_ALIGNED, V_UNALIGNED])
+def test_every_other_loop_is_dram_bound_at_the_pessimistic_end(compiled, V):
+    """PREDICTED, H100, IPC 0.5: every vocabulary loop is DRAM-bound except the skl / srkl divergence
+    sums (23.8 instr/elem against a budget of 22.2 for 4 B/element) — among them the jsd forward sum
+    (19.8) and rao_blackwell's gradient loops (32.3 / 27.3 against 33.3), issue-bound before."""
+    gpu = static.GPUS[90]
+    for name in VOCAB_KERNELS:
+        loops = static.predict(compiled[(name, V, 90)], None, 0, gpu, V, static.IPC_PESSIMISTIC)["loops"]
+        for i, lp in enumerate(loops):
+            want = "issue" if (name, i) in ISSUE_BOUND_AT_IPC_05 else "dram"
+            assert lp["bound"] == want, (name, V, i, lp["bound"])
 
 
 # Design bytes per logit element (tests/test_traffic.py locks them under the interpreter).

@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_math import (LOG2E, NUM_WARPS, divergence_row_gradient, edge_columns, load_pair, main_len, row_span,
-                            row_vector, vocab_block)
+from .._triton_math import (LOG2E, NUM_WARPS, divergence_row_gradient, edge_columns, load_main, load_pair, main_len,
+                            row_span, row_vector, vocab_block)
 
 
 @triton.jit
@@ -63,11 +63,39 @@ def _gradient_kernel(
         tl.store(GRAD + g_off + ecols, ge.to(GRAD.dtype.element_ty), mask=eok & (ecols < V_s))
     cols = tl.arange(0, BLOCK)
     label_main = label - h
-    for i in range(0, tl.cdiv(L, BLOCK)):
-        offs = i * BLOCK + cols
-        x = tl.load(S + start + offs * stride_sv, mask=offs < L_read, other=float("-inf"))
-        grad = _softmax_gradient((x.to(tl.float32) - m) * k, scale, s2, offs == label_main)
-        tl.store(GRAD + g_start + offs, grad.to(GRAD.dtype.element_ty), mask=offs < L)
+    if VEC > 1:
+        # Full blocks without a per-column mask (L_read ∈ {0, L}: a per-row read predicate) and
+        # without the label compare: the full block holding the label, if any, is skipped by the loop
+        # and done after it, with the compare. Then the partial last block, masked.
+        n_full = L // BLOCK
+        in_full = (label_main >= 0) & (label_main < n_full * BLOCK)
+        label_block = tl.where(in_full, label_main // BLOCK, n_full)
+        for j in range(0, n_full - in_full.to(tl.int32)):
+            i = j + (j >= label_block).to(tl.int32)
+            x = load_main(S, start, i, L_read > 0, BLOCK, True)
+            grad = scale * tl.exp2((x - m) * k - s2)  # _softmax_gradient of a block without the label
+            tl.store(GRAD + g_start + i * BLOCK + cols, grad.to(GRAD.dtype.element_ty))
+        if in_full:
+            offs = label_block * BLOCK + cols
+            x = load_main(S, start, label_block, L_read > 0, BLOCK, True)
+            grad = _softmax_gradient((x - m) * k, scale, s2, offs == label_main)
+            tl.store(GRAD + g_start + offs, grad.to(GRAD.dtype.element_ty))
+        if n_full * BLOCK < L:
+            _gradient_block(S, GRAD, start, g_start, n_full * BLOCK + cols, L, L_read, stride_sv, m, k, scale, s2,
+                            label_main)
+    else:
+        for i in range(0, tl.cdiv(L, BLOCK)):
+            _gradient_block(S, GRAD, start, g_start, i * BLOCK + cols, L, L_read, stride_sv, m, k, scale, s2,
+                            label_main)
+
+
+@triton.jit
+def _gradient_block(S, GRAD, start, g_start, offs, L, L_read, stride_sv, m, k, scale, s2, label_main):
+    """One masked block of stage (c)'s main region: columns ``offs``, read below ``L_read``, written
+    below ``L``."""
+    x = tl.load(S + start + offs * stride_sv, mask=offs < L_read, other=float("-inf"))
+    grad = _softmax_gradient((x.to(tl.float32) - m) * k, scale, s2, offs == label_main)
+    tl.store(GRAD + g_start + offs, grad.to(GRAD.dtype.element_ty), mask=offs < L)
 
 
 @triton.jit
