@@ -799,7 +799,7 @@ def test_askd_tiny_temperature_gradient_is_never_nan(backend):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "defect in stage (a) (askd/cpu.py row_stats via _torch_math.log_prob_at, askd/triton_row_stats.py): "
+    "defect in stage (a) (askd/cpu.py row_stats via _torch_math.log_softmax_into, askd/triton_row_stats.py): "
     "with ±3e38 logits log q and log p at the label are each ≈ −6e38, beyond fp32, so both round to "
     "−inf and ℓ = −inf − (−inf) = NaN, although ℓ = log p − log q is moderate (here s_s − s_t). Fix: "
     "form ℓ = ((w_y − z_y) − (m_w − m_z))/τ + (s_s − s_t), NaN only where ℓ itself is beyond fp32"))

@@ -9,50 +9,65 @@ test oracle: ``reference/`` is written independently and materialises everything
 """
 import torch
 
-from .._torch_math import (chunk_rows, divergence_terms, for_blocks, log_mixture, log_prob_at, log_softmax_at,
-                           row_blocks, rows_view, shift_into)
+from .._torch_math import (chunk_rows, divergence_terms, for_blocks, log_mixture, log_prob_at,
+                           log_softmax_at, log_softmax_into, row_blocks, rows_view, softmax_into)
 
 
 def _buffer(rows: int, n_cols: int, device) -> torch.Tensor:
-    """One fp32 ``[rows, n_cols]`` work buffer, allocated once per call and reused by every block."""
-    return torch.empty((rows, n_cols), dtype=torch.float32, device=device)
+    """One fp32 work buffer of ``rows × n_cols`` elements, allocated once per call and reused by every
+    block (each block views its first elements as one contiguous ``[block rows, width]`` block)."""
+    return torch.empty(rows * n_cols, dtype=torch.float32, device=device)
 
 
 def row_stats(student_logits, labels, teacher_logits, teacher_logprobs, *, temperature, ignore_index):
     """Stage (a); see :mod:`.triton_row_stats`. Returns fp32 ``(log_q [B·T], log_ratio [B·T], lse [B·T, 2])``.
 
     Streams blocks of rows (:func:`askd_kernels._torch_math.row_blocks`): per block and per side,
-    the max in the logits' dtype, one pass that converts and shifts into a reused fp32 buffer, the
-    label's entry, then exp and sum in place; ignored rows are skipped (or, inside a mostly valid
-    block, computed and discarded)."""
+    :func:`askd_kernels._torch_math.log_softmax_into` — one pass that converts the logits into a
+    reused fp32 buffer (none for fp32 logits), the max, the fused log-softmax in place, the max of
+    its result (−s) — then the label's entry gathered from the log-probabilities. The teacher's pair
+    is not kept, so at τ = 1 its side has no max pass. Every per-row result is written by ``out=``
+    into slices of the call's vectors, and whatever does not depend on the logits (the labels'
+    indices, the out-of-range labels, −s → s) is done once for all rows: each block is a handful of
+    ops, whose Python overhead is paid per block and, with two worker threads, under one GIL.
+    Ignored rows are skipped (or, inside a mostly valid block, computed and discarded)."""
     B, T, V_s = student_logits.shape
     n = B * T
     dev = student_logits.device
     flat_labels = labels.reshape(n)
     valid = flat_labels != ignore_index
     inv_tau = 1.0 / temperature
-    log_q = torch.zeros(n, dtype=torch.float32, device=dev)
-    log_p = torch.zeros_like(log_q) if teacher_logits is not None else teacher_logprobs.reshape(n).float()
-    lse = torch.zeros((n, 2), dtype=torch.float32, device=dev)
+    log_q = torch.zeros((n, 1), dtype=torch.float32, device=dev)
+    m, neg_s = torch.zeros(n, dtype=torch.float32, device=dev), torch.zeros(n, dtype=torch.float32, device=dev)
+    inside = (flat_labels >= 0) & (flat_labels < V_s)
+    index = torch.where(inside, flat_labels, 0).unsqueeze(1)  # gathered, then NaN below where outside
     z_rows, period = rows_view(student_logits)
-    w_rows = None
+    w_rows, V_t = None, 0
     if teacher_logits is not None:
         w_rows, w_period = rows_view(teacher_logits)
-        period = period or w_period
-    width = max(V_s, 0 if teacher_logits is None else teacher_logits.shape[2])
+        period, V_t = period or w_period, teacher_logits.shape[2]
+        inside_t = (flat_labels >= 0) & (flat_labels < V_t)  # a label beyond V_t: p = 0, log p = −inf
+        index_t = torch.where(inside_t, flat_labels, 0).unsqueeze(1)
+        log_p = torch.zeros((n, 1), dtype=torch.float32, device=dev)
+    width = max(V_s, V_t)
     blocks = row_blocks(valid, n, width, period)
     rows = min(chunk_rows(width), max((b - a for a, b, _ in blocks), default=0))
 
     def block(a, b, _mask, work):  # rows of a mixed block are kept by the torch.where below
-        lab = flat_labels[a:b]
-        log_q[a:b], lse[a:b] = log_prob_at(z_rows(a, b), lab, inv_tau, work)
-        if w_rows is not None:
-            log_p[a:b] = log_prob_at(w_rows(a, b), lab, inv_tau, work)[0]
+        x = log_softmax_into(work[:(b - a) * V_s].view(b - a, V_s), z_rows(a, b), inv_tau, m[a:b], neg_s[a:b])
+        torch.gather(x, 1, index[a:b], out=log_q[a:b])
+        if w_rows is not None:  # the same buffer, after the student's
+            y = log_softmax_into(work[:(b - a) * V_t].view(b - a, V_t), w_rows(a, b), inv_tau)
+            torch.gather(y, 1, index_t[a:b], out=log_p[a:b])
 
     for_blocks(blocks, block, lambda: _buffer(rows, width, dev))
+    if teacher_logits is not None:
+        log_p = torch.where(inside_t, log_p.squeeze(1), float("-inf"))
+    else:
+        log_p = teacher_logprobs.reshape(n).float()
     # Out-of-range student labels poison the row with NaN, as the kernel does; ignored rows read 0.
-    log_q = torch.where(valid, torch.where((flat_labels >= 0) & (flat_labels < V_s), log_q, float("nan")), 0.0)
-    lse = torch.where(valid.unsqueeze(1), lse, 0.0)
+    log_q = torch.where(valid, torch.where(inside, log_q.squeeze(1), float("nan")), 0.0)
+    lse = torch.where(valid.unsqueeze(1), torch.stack([m, 0.0 - neg_s], 1), 0.0)  # 0 − (−s): s = +0, not −0
     log_ratio = torch.where(valid, log_p - log_q, 0.0)
     return log_q, log_ratio, lse
 
@@ -89,12 +104,11 @@ def full_vocab_row_stats(student_logits, labels, teacher_logits, alpha, sgo, kap
     def block(a, b, mask, _state):
         lab, seq = flat_labels[a:b], seq_of[a:b]
         z, w = z_rows(a, b), w_rows(a, b)
-        log_q[a:b], ls = log_prob_at(z, lab, inv_tau)
-        log_p[a:b], lt = log_prob_at(w, lab, inv_tau)
-        lse[a:b], lse_t[a:b] = ls, lt
+        # The blocks' log-probabilities come with the pairs (those of log_softmax_at, bit for bit).
+        log_q[a:b], lse[a:b], x = log_prob_at(z, lab, inv_tau)
+        log_p[a:b], lse_t[a:b], y = log_prob_at(w, lab, inv_tau)
         # Summed over the student's vocabulary: the teacher's columns beyond V_s are no label's.
-        x = log_softmax_at(z, ls[:, 0], ls[:, 1], inv_tau)
-        y = _to_width(log_softmax_at(w, lt[:, 0], lt[:, 1], inv_tau), V_s)
+        y = _to_width(y, V_s)
         keep = unclipped[seq] if mask is None else unclipped[seq] & mask  # clipped: no value, no gradient
         for kind, rows in _by_kind(is_sgo[seq]):
             rows = rows & keep
@@ -180,11 +194,20 @@ def coefficients(log_q, log_ratio, log_q_old, labels, alpha, sgo, kappa, *, esti
 def student_gradient(student_logits, labels, coef, lse, grad_seq, *, temperature):
     """Stage (c); see :mod:`.triton_gradient`. Rows with a zero factor are not read (they get exact zeros).
 
-    Written block by block straight into the gradient's final buffer: per block one pass converts
-    and shifts the logits into fp32 (into the gradient rows themselves for fp32 logits, else a
-    reused block buffer), then ``exp((z − m)/τ − s)`` in place, minus 1 at the label, and one pass
-    that multiplies by the row factor and stores the result in the gradient (converting to
-    bf16/fp16): ``factor·(softmax − onehot)``, as the kernel forms it."""
+    Written block by block straight into the gradient's final buffer. Per block, the probabilities
+    ``exp((z − m)/τ − s)`` come from the fused softmax kernel as ``c·p`` with a per-row
+    ``c = e^{−s}/r`` (:func:`askd_kernels._torch_math.softmax_into`: exact for any (max, log-sum)
+    pair, also a vocabulary shard's with the whole row's pair).
+
+    * bf16/fp16 logits: in a reused fp32 block buffer one column wider (passes: the conversion, the
+      kernel), then −1/c added at the label and one pass that multiplies by ``c·factor`` and stores
+      the result in the gradient, converting it: ``factor·(c·p − onehot)``.
+    * fp32 logits: in the gradient's own rows (the max, the kernel reading the logits, the max of
+      its result), then ``× c``, −1 at the label and ``× factor``: the factor, with the upstream
+      gradient in it, is the last multiplication, as in the kernel, so the gradient stays one
+      rounding from that product.
+
+    ``e^{−s}``, the factor and the label's ``−e^{s}`` are formed once for all rows."""
     B, T, V_s = student_logits.shape
     n = B * T
     dev = student_logits.device
@@ -198,7 +221,7 @@ def student_gradient(student_logits, labels, coef, lse, grad_seq, *, temperature
     inside = (flat_labels >= 0) & (flat_labels < V_s)
     at_label = torch.where(inside, -1.0, 0.0).unsqueeze(1)  # − onehot (nothing for an outside label)
     safe_labels = flat_labels.clamp(0, V_s - 1).unsqueeze(1)
-    m, s, factor = lse[:, :1], lse[:, 1:], scale.unsqueeze(1)
+    m, e_s, factor = lse[:, :1], torch.exp(-lse[:, 1:]), scale.unsqueeze(1)  # e_s = e^{−s}
     # Allocated in its final shape so autograd can take it over without a copy.
     grad = torch.empty((B, T, V_s), dtype=student_logits.dtype, device=dev)
     rows_out = grad.view(n, V_s)
@@ -206,16 +229,19 @@ def student_gradient(student_logits, labels, coef, lse, grad_seq, *, temperature
     blocks = row_blocks(live, n, V_s, period)
     rows = min(chunk_rows(V_s), max((b - a for a, b, _ in blocks), default=0))
     fp32 = student_logits.dtype == torch.float32
+    if not fp32:  # c·factor = e^{−s}·factor/r; −1/c = −e^{s}·r (c is never 0 or infinite here)
+        e_s_factor, at_label = e_s * factor, at_label / e_s
 
     def block(a, b, _mask, work):
-        out = rows_out[a:b] if fp32 else work[:b - a]
-        shift_into(out, z_rows(a, b), m[a:b].squeeze(1), inv_tau)
-        out.sub_(s[a:b]).exp_()
-        out.scatter_add_(1, safe_labels[a:b], at_label[a:b])  # softmax − onehot, in fp32
-        # × the row factor, and for bf16/fp16 the store into the gradient, in one pass
-        torch.mul(out, factor[a:b], out=rows_out[a:b])
+        if fp32:  # softmax − onehot, then × the factor
+            p, r = softmax_into(rows_out[a:b], z_rows(a, b), m[a:b], inv_tau)
+            p.mul_(torch.div(e_s[a:b], r)).scatter_add_(1, safe_labels[a:b], at_label[a:b]).mul_(factor[a:b])
+        else:  # (p − onehot/c)·(c·factor), and the store into the bf16/fp16 gradient, in one pass
+            p, r = softmax_into(work[:(b - a) * (V_s + 1)].view(b - a, V_s + 1), z_rows(a, b), m[a:b], inv_tau)
+            p.scatter_add_(1, safe_labels[a:b], torch.mul(at_label[a:b], r))
+            torch.mul(p, torch.div(e_s_factor[a:b], r), out=rows_out[a:b])
 
-    for_blocks(blocks, block, lambda: None if fp32 else _buffer(rows, V_s, dev))
+    for_blocks(blocks, block, lambda: None if fp32 else _buffer(rows, V_s + 1, dev))
     # Rows with a zero factor (never written, or computed inside a mostly live block): exact zeros.
     dead = (~live).nonzero().squeeze(1)
     if dead.numel():
