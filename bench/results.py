@@ -165,3 +165,14 @@ def latest_run(records: list[dict]) -> list[dict]:
     """The records of the most recent run id (ids are UTC timestamps, so they sort by time)."""
     ids = sorted({r.get("run_id") for r in records if r.get("run_id")})
     return [r for r in records if r.get("run_id") == ids[-1]] if ids else []
+
+
+def latest_run_per_op(records: list[dict]) -> list[dict]:
+    """For every op (a divergence: every kind), the records of the most recent run that holds it — a
+    folder whose later runs re-measured only some ops — in the file's order."""
+    latest: dict = {}
+    for r in records:
+        key, run_id = (r.get("op"), r.get("kind") or ""), r.get("run_id")
+        if run_id and run_id > latest.get(key, ""):
+            latest[key] = run_id
+    return [r for r in records if r.get("run_id") and latest.get((r.get("op"), r.get("kind") or "")) == r["run_id"]]

@@ -327,3 +327,17 @@ def test_process_summary_medians_and_ratios():
     assert rows["ours"]["step_vs_compile"] == pytest.approx(0.5)  # the failed run is not counted
     assert rows["compile"]["runs"] == 1 and rows["eager"]["step_vs_eager"] == 1.0
     assert "| askd_loss | 8 × 16 | bf16 | 2 | ours | 3 |" in grid.process_markdown(records)
+
+
+def test_latest_run_per_op_keeps_each_ops_newest_run():
+    """A later run that re-measured only some ops keeps the other ops' rows of the earlier run."""
+    def rec(run_id, op, kind=""):
+        return {"run_id": run_id, "op": op, "kind": kind}
+    records = [rec("T1", "askd_loss"), rec("T1", "divergence_loss", "fkl"), rec("T1", "divergence_loss", "jsd"),
+               rec("T2", "divergence_loss", "fkl"), rec("T2", "divergence_loss", "fkl")]
+    got = [(r["run_id"], r["op"], r["kind"]) for r in results.latest_run_per_op(records)]
+    assert got == [("T1", "askd_loss", ""), ("T1", "divergence_loss", "jsd"), ("T2", "divergence_loss", "fkl"),
+                   ("T2", "divergence_loss", "fkl")]
+    assert plot.select_run(records, "latest-per-op") == results.latest_run_per_op(records)
+    assert [r["run_id"] for r in plot.select_run(records)] == ["T2", "T2"]
+
