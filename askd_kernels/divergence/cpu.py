@@ -46,7 +46,7 @@ import math
 import torch
 
 from .._torch_math import (DIVERGENCE_GRAD_BUFFER, DIVERGENCE_INPUTS, DIVERGENCE_SPARES, DIVERGENCE_TERMS, LN2, LOG2E,
-                           chunk_rows, for_blocks, row_blocks, rows_view)
+                           chunk_rows, for_blocks, row_blocks, rows_view, shift_into)
 
 
 _FP32_MAX = torch.finfo(torch.float32).max
@@ -131,11 +131,10 @@ def _given_log_probs(z_rows, w_rows, buffers, lse_s, lse_t, inv_tau):
     """``(log q, log p, spare)`` of a block of ``r`` rows from their given (max, log-sum) pairs
     (``(m, s)``, [r, 1] each, per side): ``(z − m)/τ − s`` written into the first two fp32 block
     ``buffers`` (cut to ``r`` rows), and the rest of the buffers cut alike, for the kind's in-place
-    terms. The same operations as :func:`askd_kernels._torch_math.shift_into`, then ``− s``."""
+    terms: :func:`askd_kernels._torch_math.shift_into`, then ``− s``."""
     x, y, *spare = _cut(buffers, lse_s[0].shape[0])
     for rows, out, (m, s) in ((z_rows, x, lse_s), (w_rows, y, lse_t)):
-        torch.sub(rows, m, out=out)
-        (out if inv_tau == 1.0 else out.mul_(inv_tau)).sub_(s)
+        shift_into(out, rows, m.squeeze(1), inv_tau).sub_(s)
     return x, y, spare
 
 
